@@ -1,0 +1,40 @@
+# Every target sets up (or refreshes) the virtualenv it needs, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint bench airflow simulator clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+venv: $(STAMP)
+
+## make demo: start the simulator, run the main DAG end to end with `airflow dags test`, print the result
+demo: $(STAMP)
+	@VENV=$(VENV) bash scripts/demo.sh
+
+## make test: the whole test suite (unit, integration against the simulator, DAG runs)
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+## make simulator: the API simulator alone on port 8089
+simulator: $(STAMP)
+	$(PY) -m imagecb_provider.testing.simulator --port 8089
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info plugins/*.egg-info

@@ -1,0 +1,323 @@
+"""
+Hooks for the image API: ``ImageCbHook`` for workers, ``ImageCbAsyncHook`` for triggers.
+
+They own every byte that goes to the API. Both read the ``imagecb`` connection through one
+:class:`ImageCbConnectionSettings`, speak through :func:`~.protocol.parse_envelope` and retry
+through one :class:`~.protocol.RetryPolicy`, so the two never disagree about what an answer
+means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import aiohttp
+import requests
+from airflow.providers.http.hooks.http import HttpAsyncHook, HttpHook, SessionConfig
+from airflow.sdk.log import mask_secret
+from asgiref.sync import sync_to_async
+from requests import Session
+from urllib3.exceptions import ConnectTimeoutError
+
+from imagecb_provider.exceptions import (
+    ImageCbConfigurationError,
+    ImageCbConnectionError,
+    ImageCbProtocolError,
+    ImageCbSubmissionUncertain,
+)
+from imagecb_provider.hooks.protocol import (
+    CREDIT_PATH,
+    DEFAULT_BASE_URL,
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_TIMEOUT,
+    DOWNLOAD_URL_PATH,
+    GENERATE_PATH,
+    RECORD_INFO_PATH,
+    RETRYABLE_ERRORS,
+    RetryPolicy,
+    parse_envelope,
+)
+from imagecb_provider.models import GenerationRequest, TaskRecord
+
+CONN_TYPE = "imagecb"
+DEFAULT_CONN_ID = "imagecb_default"
+USER_AGENT = "airflow-provider-imagecb"
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ImageCbConnectionSettings:
+    """
+    What an ``imagecb`` connection says, read once per hook.
+
+    The keys are excluded from ``repr`` and registered with Airflow's secrets masker, so a log
+    line or a traceback that happens to include them shows ``***``.
+    """
+
+    conn_id: str
+    base_url: str
+    api_key: str = field(repr=False)
+    callback_base_url: str | None = None
+    webhook_hmac_key: str | None = field(default=None, repr=False)
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def from_connection(cls, conn: Any) -> ImageCbConnectionSettings:
+        extra = conn.extra_dejson or {}
+        api_key = conn.password or ""
+        if not api_key:
+            raise ImageCbConfigurationError(
+                f"Connection {conn.conn_id!r} has no API key: put the key in the connection's password field"
+            )
+        hmac_key = extra.get("webhook_hmac_key") or None
+        mask_secret(api_key)
+        if hmac_key:
+            mask_secret(hmac_key)
+        return cls(
+            conn_id=conn.conn_id,
+            base_url=_base_url(conn),
+            api_key=api_key,
+            callback_base_url=(extra.get("callback_base_url") or "").rstrip("/") or None,
+            webhook_hmac_key=hmac_key,
+            timeout=_timeout(conn.conn_id, extra.get("timeout")),
+        )
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+
+
+def _base_url(conn: Any) -> str:
+    host = (conn.host or "").strip().rstrip("/")
+    if not host:
+        return DEFAULT_BASE_URL
+    if "://" not in host:
+        host = f"{conn.schema or 'https'}://{host}"
+    return f"{host}:{conn.port}" if conn.port else host
+
+
+def _timeout(conn_id: str, value: Any) -> float:
+    if value in (None, ""):
+        return DEFAULT_TIMEOUT
+    try:
+        timeout = float(value)
+    except (TypeError, ValueError):
+        timeout = -1.0
+    if timeout <= 0:
+        raise ImageCbConfigurationError(
+            f"Connection {conn_id!r} has extra timeout={value!r}: it must be a positive number of seconds"
+        )
+    return timeout
+
+
+def _without_query(url: str) -> str:
+    """A URL fit for a message: pre-signed links carry their token in the query."""
+    return url.split("?", 1)[0]
+
+
+def _never_reached_server(error: requests.RequestException) -> bool:
+    """Whether ``requests`` failed before the request left this machine (then a resend is safe)."""
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return isinstance(reason, ConnectTimeoutError)  # NewConnectionError (refused, DNS) derives from it
+
+
+class ImageCbHook(HttpHook):
+    """
+    Talk to the image API from a worker.
+
+    :param imagecb_conn_id: the ``imagecb`` connection: host = base URL (empty means
+        ``https://api.kie.ai``), password = API key, extra ``timeout`` in seconds.
+    :param retry_policy: how transient errors (429, 455, 5xx, network) are retried.
+    """
+
+    conn_name_attr = "imagecb_conn_id"
+    default_conn_name = DEFAULT_CONN_ID
+    conn_type = CONN_TYPE
+    hook_name = "Kie.ai Flux Kontext images"
+    default_host = DEFAULT_BASE_URL
+
+    def __init__(
+        self, imagecb_conn_id: str = DEFAULT_CONN_ID, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    ) -> None:
+        super().__init__(method="GET", http_conn_id=imagecb_conn_id)
+        self.imagecb_conn_id = imagecb_conn_id
+        self.retry_policy = retry_policy
+
+    @cached_property
+    def settings(self) -> ImageCbConnectionSettings:
+        return ImageCbConnectionSettings.from_connection(self.get_connection(self.imagecb_conn_id))
+
+    def get_conn(
+        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
+    ) -> Session:
+        """
+        A session with the bearer key and nothing else from the connection.
+
+        ``HttpHook`` copies every connection extra into the request headers, which would send
+        the webhook HMAC key to the API; this hook sets its headers itself instead.
+        """
+        settings = self.settings
+        self.base_url = settings.base_url
+        self._base_url_initialized = True
+        self.merged_extra = {"timeout": settings.timeout, "check_response": False}
+        session = Session()
+        session.headers.update(settings.headers())
+        session.headers.update(headers or {})
+        return self._configure_session_from_mount_adapters(session)
+
+    # ----------------------------------------------------------------------- API calls
+    def submit(self, request: GenerationRequest) -> str:
+        """
+        Submit one generation and return the remote task id.
+
+        Transient errors are retried only when the API provably did not take the request (an
+        error answer, or a connection that never opened); a request sent without an answer
+        raises :class:`ImageCbSubmissionUncertain` rather than risk paying twice.
+        """
+        data = self._call("POST", GENERATE_PATH, json=request.to_payload(), idempotent=False)
+        task_id = data.get("taskId") if isinstance(data, dict) else None
+        if not task_id:
+            raise ImageCbProtocolError(f"imagecb API accepted a submission on {GENERATE_PATH} but gave no taskId")
+        self.log.info("Submitted image task %s (%s)", task_id, request.model or "default model")
+        return str(task_id)
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """The task's current record (state, outcome, URLs)."""
+        return TaskRecord.from_record_info(self._call("GET", RECORD_INFO_PATH, params={"taskId": task_id}))
+
+    def get_credits(self) -> float:
+        """Credits left on the account."""
+        return float(self._call("GET", CREDIT_PATH))
+
+    def get_download_url(self, url: str) -> str:
+        """A fresh direct link (valid about 20 minutes) for a file URL the service generated."""
+        data = self._call("POST", DOWNLOAD_URL_PATH, json={"url": url})
+        if not isinstance(data, str) or not data:
+            raise ImageCbProtocolError(f"imagecb API gave no URL on {DOWNLOAD_URL_PATH}")
+        return data
+
+    def fetch_file(self, url: str, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, str]:
+        """
+        Download a generated file; returns its bytes and content type.
+
+        Sent without the API key: file links are pre-signed and may live on another host, which
+        must never see the key. A size cap guards the worker against a runaway body.
+        """
+        try:
+            with requests.get(url, timeout=self.settings.timeout, stream=True) as response:
+                response.raise_for_status()
+                body = bytearray()
+                for chunk in response.iter_content(chunk_size=256 * 1024):
+                    body.extend(chunk)
+                    if len(body) > max_bytes:
+                        raise ImageCbProtocolError(f"File at {_without_query(url)} exceeds {max_bytes} bytes")
+                return bytes(body), response.headers.get("Content-Type", "")
+        except requests.RequestException as error:
+            raise ImageCbConnectionError(f"Could not download {_without_query(url)}: {error}") from error
+
+    def test_connection(self) -> tuple[bool, str]:
+        """What the UI's Test button calls: one authenticated, free call (the credit balance), no retries."""
+        try:
+            credits = float(self._call("GET", CREDIT_PATH, policy=replace(self.retry_policy, max_attempts=1)))
+        except Exception as error:
+            return False, str(error)
+        return True, f"Connected to {self.settings.base_url}: {credits:g} credits left"
+
+    # ------------------------------------------------------------------------ plumbing
+    def _call(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: dict[str, Any] | None = None,
+        idempotent: bool = True,
+        policy: RetryPolicy | None = None,
+    ) -> Any:
+        for attempt in (policy or self.retry_policy).retrying(RETRYABLE_ERRORS):
+            with attempt:
+                return self._request_once(method, endpoint, params, json, idempotent)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _request_once(
+        self, method: str, endpoint: str, params: dict | None, json: dict | None, idempotent: bool
+    ) -> Any:
+        self.method = method
+        try:
+            response = self.run(endpoint, data=params, json=json)
+        except requests.RequestException as error:
+            if idempotent or _never_reached_server(error):
+                raise ImageCbConnectionError(f"Could not reach the imagecb API on {endpoint}: {error}") from error
+            raise ImageCbSubmissionUncertain(
+                f"The submission to {endpoint} was sent but no answer came back ({type(error).__name__}); "
+                "the API may have accepted and charged it. It is not resent automatically, so the image "
+                "is never paid twice: check the account, then clear the task to submit again."
+            ) from error
+        return parse_envelope(response.status_code, response.content, response.headers, endpoint)
+
+
+class ImageCbAsyncHook(HttpAsyncHook):
+    """
+    The async twin of :class:`ImageCbHook` for triggers: same connection, answers and retries.
+
+    The connection is read in a worker thread (``sync_to_async``): ``aget_connection`` cannot
+    read connections stored in the database under ``airflow dags test``.
+    """
+
+    conn_name_attr = "imagecb_conn_id"
+    default_conn_name = DEFAULT_CONN_ID
+    conn_type = CONN_TYPE
+    hook_name = "Kie.ai Flux Kontext images"
+
+    def __init__(
+        self, imagecb_conn_id: str = DEFAULT_CONN_ID, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    ) -> None:
+        # retry_limit=1: the base class's own retry ignores 429 and Retry-After; ours is used instead.
+        super().__init__(method="GET", http_conn_id=imagecb_conn_id, retry_limit=1)
+        self.imagecb_conn_id = imagecb_conn_id
+        self.retry_policy = retry_policy
+        self._settings: ImageCbConnectionSettings | None = None
+
+    async def settings(self) -> ImageCbConnectionSettings:
+        if self._settings is None:
+            conn = await sync_to_async(self.get_connection)(self.imagecb_conn_id)
+            self._settings = ImageCbConnectionSettings.from_connection(conn)
+        return self._settings
+
+    async def config(self) -> SessionConfig:
+        """Session settings without the connection extras (see :meth:`ImageCbHook.get_conn`)."""
+        if self._config is None:
+            settings = await self.settings()
+            self._config = SessionConfig(
+                base_url=settings.base_url,
+                headers=settings.headers(),
+                extra_options={"timeout": aiohttp.ClientTimeout(total=settings.timeout)},
+            )
+        return self._config
+
+    async def get_task(self, task_id: str) -> TaskRecord:
+        """The task's current record; transient errors are retried without blocking the loop."""
+        async for attempt in self.retry_policy.async_retrying(RETRYABLE_ERRORS):
+            with attempt:
+                data = await self._request_once("GET", RECORD_INFO_PATH, params={"taskId": task_id})
+        return TaskRecord.from_record_info(data)
+
+    async def _request_once(self, method: str, endpoint: str, params: dict | None = None) -> Any:
+        async with self.session(method) as http:
+            try:
+                response = await http.run(endpoint=endpoint, data=params, extra_options={"check_response": False})
+                body = await response.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                raise ImageCbConnectionError(
+                    f"Could not reach the imagecb API on {endpoint}: {type(error).__name__}: {error}"
+                ) from error
+        return parse_envelope(response.status, body, response.headers, endpoint)

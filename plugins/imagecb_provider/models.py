@@ -1,0 +1,392 @@
+"""
+Typed views of what goes to and comes back from the image API.
+
+``GenerationRequest`` validates every field before any HTTP call (a bad value must never cost a
+credit) and accepts the strings that Jinja templating and CSV files produce for booleans and
+integers. ``TaskRecord`` is the one normalized shape of a task, whether it was read from
+record-info or from a callback body, so that operators, triggers and sensors share one
+outcome mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from imagecb_provider.exceptions import InvalidGenerationRequest
+
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
+OUTPUT_FORMATS = ("jpeg", "png")
+MODELS = ("flux-kontext-pro", "flux-kontext-max")
+MAX_PROMPT_LENGTH = 5000
+MAX_WATERMARK_LENGTH = 200
+SAFETY_TOLERANCE_GENERATE = (0, 6)
+SAFETY_TOLERANCE_EDIT = (0, 2)
+
+_TRUE_STRINGS = {"true", "1", "yes", "y", "on"}
+_FALSE_STRINGS = {"false", "0", "no", "n", "off"}
+
+
+class Outcome(StrEnum):
+    """How a remote task ended; the names are part of the public contract (DESIGN.md)."""
+
+    SUCCESS = "success"
+    CONTENT_POLICY = "content_policy"
+    INTERNAL_ERROR = "internal_error"
+    GENERATION_FAILED = "generation_failed"
+    TIMEOUT = "timeout"
+
+
+class TaskState(StrEnum):
+    """The vendor's successFlag values, named; ``FAILED`` is what a failed callback tells."""
+
+    GENERATING = "generating"
+    SUCCESS = "success"
+    CREATE_FAILED = "create_failed"
+    GENERATE_FAILED = "generate_failed"
+    FAILED = "failed"
+
+
+_STATE_BY_SUCCESS_FLAG = {
+    0: TaskState.GENERATING,
+    1: TaskState.SUCCESS,
+    2: TaskState.CREATE_FAILED,
+    3: TaskState.GENERATE_FAILED,
+}
+
+# Error code -> outcome; the code wins over successFlag when both are present.
+_OUTCOME_BY_CODE = {
+    200: Outcome.SUCCESS,
+    400: Outcome.CONTENT_POLICY,
+    408: Outcome.INTERNAL_ERROR,
+    500: Outcome.INTERNAL_ERROR,
+    501: Outcome.GENERATION_FAILED,
+}
+_OUTCOME_BY_FAILED_STATE = {
+    TaskState.CREATE_FAILED: Outcome.INTERNAL_ERROR,
+    TaskState.GENERATE_FAILED: Outcome.GENERATION_FAILED,
+    TaskState.FAILED: Outcome.GENERATION_FAILED,
+}
+
+
+# ------------------------------------------------------------------------- field coercion
+def _as_bool(name: str, value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS | _FALSE_STRINGS:
+        return value.strip().lower() in _TRUE_STRINGS
+    if value == "":
+        return None
+    raise InvalidGenerationRequest(name, value, "expected true or false")
+
+
+def _as_int(name: str, value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise InvalidGenerationRequest(name, value, "expected a whole number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    raise InvalidGenerationRequest(name, value, "expected a whole number")
+
+
+def _as_choice(name: str, value: Any, choices: tuple[str, ...]) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise InvalidGenerationRequest(name, value, f"must be one of {', '.join(choices)}")
+
+
+def _as_http_url(name: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        parts = urlsplit(text)
+        if parts.scheme in ("http", "https") and parts.netloc and not any(c.isspace() for c in text):
+            return text
+    raise InvalidGenerationRequest(name, value, "must be an absolute http:// or https:// URL")
+
+
+# ----------------------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class GenerationRequest:
+    """
+    One submission to ``POST /api/v1/flux/kontext/generate``, in snake_case.
+
+    Unset (``None``) fields are left out of the payload so that the API applies its own
+    defaults; in edit mode (``input_image`` set) an omitted aspect ratio keeps the input's.
+    """
+
+    prompt: str
+    enable_translation: bool | None = None
+    upload_cn: bool | None = None
+    input_image: str | None = None
+    aspect_ratio: str | None = None
+    output_format: str | None = None
+    prompt_upsampling: bool | None = None
+    model: str | None = None
+    callback_url: str | None = None
+    safety_tolerance: int | None = None
+    watermark: str | None = None
+
+    def __post_init__(self) -> None:
+        normalized = {
+            "prompt": self._checked_prompt(self.prompt),
+            "enable_translation": _as_bool("enable_translation", self.enable_translation),
+            "upload_cn": _as_bool("upload_cn", self.upload_cn),
+            "input_image": _as_http_url("input_image", self.input_image),
+            "aspect_ratio": _as_choice("aspect_ratio", self.aspect_ratio, ASPECT_RATIOS),
+            "output_format": _as_choice("output_format", self.output_format, OUTPUT_FORMATS),
+            "prompt_upsampling": _as_bool("prompt_upsampling", self.prompt_upsampling),
+            "model": _as_choice("model", self.model, MODELS),
+            "callback_url": _as_http_url("callback_url", self.callback_url),
+            "watermark": self._checked_watermark(self.watermark),
+        }
+        normalized["safety_tolerance"] = self._checked_tolerance(
+            _as_int("safety_tolerance", self.safety_tolerance), editing=normalized["input_image"] is not None
+        )
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    @staticmethod
+    def _checked_prompt(prompt: Any) -> str:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidGenerationRequest("prompt", prompt, "must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_LENGTH:
+            raise InvalidGenerationRequest(
+                "prompt", prompt, f"is {len(prompt)} characters long; at most {MAX_PROMPT_LENGTH} are allowed"
+            )
+        return prompt.strip()
+
+    @staticmethod
+    def _checked_watermark(watermark: Any) -> str | None:
+        if watermark is None or watermark == "":
+            return None
+        if not isinstance(watermark, str) or len(watermark) > MAX_WATERMARK_LENGTH:
+            raise InvalidGenerationRequest(
+                "watermark", watermark, f"must be a string of at most {MAX_WATERMARK_LENGTH} characters"
+            )
+        return watermark
+
+    @staticmethod
+    def _checked_tolerance(value: int | None, *, editing: bool) -> int | None:
+        if value is None:
+            return None
+        low, high = SAFETY_TOLERANCE_EDIT if editing else SAFETY_TOLERANCE_GENERATE
+        if not low <= value <= high:
+            mode = "when editing (input_image set)" if editing else "when generating"
+            raise InvalidGenerationRequest("safety_tolerance", value, f"must be {low} to {high} {mode}")
+        return value
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
+        """Build from snake_case keys (a CSV row, a JSONL line, DAG params); unknown keys are errors."""
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise InvalidGenerationRequest(
+                unknown[0], data[unknown[0]], f"is not a request field; known fields: {', '.join(cls.field_names())}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snake_case fields that are set (what ``from_dict`` takes back)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def to_payload(self, *, include_callback: bool = True) -> dict[str, Any]:
+        """The API's camelCase body, unset fields omitted."""
+        payload = {
+            _CAMEL_CASE[name]: value
+            for name, value in self.to_dict().items()
+            if include_callback or name != "callback_url"
+        }
+        return payload
+
+    def with_callback(self, callback_url: str | None) -> GenerationRequest:
+        return dataclasses.replace(self, callback_url=callback_url)
+
+
+_CAMEL_CASE = {
+    "prompt": "prompt",
+    "enable_translation": "enableTranslation",
+    "upload_cn": "uploadCn",
+    "input_image": "inputImage",
+    "aspect_ratio": "aspectRatio",
+    "output_format": "outputFormat",
+    "prompt_upsampling": "promptUpsampling",
+    "model": "model",
+    "callback_url": "callBackUrl",
+    "safety_tolerance": "safetyTolerance",
+    "watermark": "watermark",
+}
+
+
+# --------------------------------------------------------------------------- timestamps
+def parse_timestamp(value: Any) -> datetime | None:
+    """
+    Read a vendor timestamp as an aware UTC datetime.
+
+    The reference documents ISO strings; public clients type the same fields as epoch
+    milliseconds. Both are accepted, and so are epoch seconds (a number below 1e11 cannot be
+    milliseconds of this century).
+    """
+    if value is None or value == "" or value == 0:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit():
+        value = float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            return None
+        seconds = value / 1000 if abs(value) >= 1e11 else value
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    if isinstance(value, str):
+        text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    return None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _as_code(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def outcome_of(state: TaskState, code: int | None) -> Outcome | None:
+    """The outcome of a task in ``state`` with error ``code``; ``None`` while it is generating."""
+    if state == TaskState.GENERATING:
+        return None
+    if state == TaskState.SUCCESS:
+        return Outcome.SUCCESS
+    by_code = _OUTCOME_BY_CODE.get(code) if code is not None else None
+    if by_code is not None and by_code != Outcome.SUCCESS:
+        return by_code
+    return _OUTCOME_BY_FAILED_STATE[state]
+
+
+# --------------------------------------------------------------------------- the record
+@dataclass(frozen=True)
+class TaskRecord:
+    """A remote task, normalized from record-info or from a callback body."""
+
+    task_id: str
+    state: TaskState
+    outcome: Outcome | None
+    code: int | None = None
+    message: str = ""
+    result_image_url: str | None = None
+    origin_image_url: str | None = None
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.outcome is not None
+
+    @classmethod
+    def from_record_info(cls, data: Mapping[str, Any]) -> TaskRecord:
+        """From the ``data`` of ``GET record-info``; ``response`` may be null while generating."""
+        flag = _as_code(data.get("successFlag"))
+        state = _STATE_BY_SUCCESS_FLAG.get(flag if flag is not None else 0, TaskState.GENERATE_FAILED)
+        code = _as_code(data.get("errorCode"))
+        if state == TaskState.SUCCESS and code is None:
+            code = 200
+        response = data.get("response") or {}
+        return cls(
+            task_id=str(data.get("taskId") or data.get("task_id") or ""),
+            state=state,
+            outcome=outcome_of(state, code),
+            code=code,
+            message=str(data.get("errorMessage") or ""),
+            result_image_url=response.get("resultImageUrl") or None,
+            origin_image_url=response.get("originImageUrl") or None,
+            created_at=parse_timestamp(data.get("createTime")),
+            completed_at=parse_timestamp(data.get("completeTime")),
+            params=_parse_params(data.get("paramJson")),
+        )
+
+    @classmethod
+    def from_callback(cls, body: Mapping[str, Any], *, received_at: datetime | None = None) -> TaskRecord:
+        """From a callback POST body; the task id is read from ``taskId`` or, defensively, ``task_id``."""
+        data = body.get("data") or {}
+        info = data.get("info") or {}
+        code = _as_code(body.get("code"))
+        state = TaskState.SUCCESS if code == 200 else TaskState.FAILED
+        return cls(
+            task_id=str(data.get("taskId") or data.get("task_id") or ""),
+            state=state,
+            outcome=outcome_of(state, code),
+            code=code,
+            message=str(body.get("msg") or ""),
+            result_image_url=info.get("resultImageUrl") or None,
+            origin_image_url=info.get("originImageUrl") or None,
+            completed_at=received_at,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form, for trigger events and XCom."""
+        return {
+            "task_id": self.task_id,
+            "state": self.state.value,
+            "outcome": self.outcome.value if self.outcome else None,
+            "code": self.code,
+            "message": self.message,
+            "result_image_url": self.result_image_url,
+            "origin_image_url": self.origin_image_url,
+            "created_at": _iso(self.created_at),
+            "completed_at": _iso(self.completed_at),
+            "params": self.params,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskRecord:
+        outcome = data.get("outcome")
+        return cls(
+            task_id=data["task_id"],
+            state=TaskState(data["state"]),
+            outcome=Outcome(outcome) if outcome else None,
+            code=data.get("code"),
+            message=data.get("message") or "",
+            result_image_url=data.get("result_image_url"),
+            origin_image_url=data.get("origin_image_url"),
+            created_at=parse_timestamp(data.get("created_at")),
+            completed_at=parse_timestamp(data.get("completed_at")),
+            params=dict(data.get("params") or {}),
+        )
+
+
+def _parse_params(param_json: Any) -> dict[str, Any]:
+    if isinstance(param_json, Mapping):
+        return dict(param_json)
+    if isinstance(param_json, str) and param_json:
+        try:
+            parsed = json.loads(param_json)
+        except ValueError:
+            return {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
