@@ -17,7 +17,16 @@ def get_provider_info() -> dict:
         "integrations": [
             {"integration-name": INTEGRATION, "external-doc-url": "https://docs.kie.ai/", "tags": ["service"]}
         ],
+        "operators": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": ["imagecb_provider.operators.generate"],
+            }
+        ],
+        "sensors": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.sensors.task"]}],
         "hooks": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.hooks.imagecb"]}],
+        "triggers": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.triggers.task"]}],
+        "extra-links": ["imagecb_provider.links.GeneratedImageLink"],
         "connection-types": [
             {
                 "hook-class-name": "imagecb_provider.hooks.imagecb.ImageCbHook",

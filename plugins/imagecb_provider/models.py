@@ -15,7 +15,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -201,7 +201,9 @@ class GenerationRequest:
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise InvalidGenerationRequest(
-                unknown[0], data[unknown[0]], f"is not a request field; known fields: {', '.join(cls.field_names())}"
+                unknown[0],
+                data[unknown[0]],
+                f"is not a request field; known fields: {', '.join(cls.field_names())}",
             )
         return cls(**data)
 
@@ -254,19 +256,19 @@ def parse_timestamp(value: Any) -> datetime | None:
         if not math.isfinite(value):
             return None
         seconds = value / 1000 if abs(value) >= 1e11 else value
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+        return datetime.fromtimestamp(seconds, tz=UTC)
     if isinstance(value, str):
         text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:
             return None
-        return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     return None
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
 def _as_code(value: Any) -> int | None:
@@ -390,3 +392,50 @@ def _parse_params(param_json: Any) -> dict[str, Any]:
             return {}
         return parsed if isinstance(parsed, dict) else {}
     return {}
+
+
+# --------------------------------------------------------------------------- the result
+def build_result(
+    *,
+    remote_task_id: str,
+    outcome: Outcome,
+    record: TaskRecord | None,
+    request: Mapping[str, Any],
+    submitted_at: datetime | str | None,
+    polls: int,
+    via: str,
+) -> dict[str, Any]:
+    """
+    The JSON-safe result an operator or sensor returns (its XCom), as fixed in DESIGN.md.
+
+    ``request`` is the camelCase payload that was sent, without the callback URL; ``record`` is
+    ``None`` when the wait ended before any status answer (a timeout).
+    """
+    payload = {k: v for k, v in request.items() if k != "callBackUrl"}
+    completed = record.completed_at if record and record.completed_at else None
+    if completed is None and outcome != Outcome.TIMEOUT:
+        completed = datetime.now(UTC)
+    submitted = parse_timestamp(submitted_at) if not isinstance(submitted_at, datetime) else submitted_at
+    return {
+        "task_id": remote_task_id,
+        "outcome": Outcome(outcome).value,
+        "code": record.code if record else None,
+        "message": (record.message if record else "") or _DEFAULT_MESSAGES[Outcome(outcome)],
+        "result_image_url": record.result_image_url if record else None,
+        "origin_image_url": record.origin_image_url if record else None,
+        "prompt": payload.get("prompt"),
+        "request": payload,
+        "submitted_at": _iso(submitted or (record.created_at if record else None)),
+        "completed_at": _iso(completed),
+        "polls": polls,
+        "via": via,
+    }
+
+
+_DEFAULT_MESSAGES = {
+    Outcome.SUCCESS: "",
+    Outcome.CONTENT_POLICY: "The prompt was flagged by the content policy",
+    Outcome.INTERNAL_ERROR: "Internal error on the API side",
+    Outcome.GENERATION_FAILED: "The generation failed",
+    Outcome.TIMEOUT: "Still generating at the deadline",
+}

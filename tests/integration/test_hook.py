@@ -7,7 +7,6 @@ import logging
 import socket
 
 import pytest
-
 from imagecb_provider.exceptions import (
     ImageCbApiError,
     ImageCbAuthenticationError,
@@ -82,7 +81,11 @@ def test_empty_host_means_the_vendor_api_and_extras_are_read(monkeypatch):
             {
                 "conn_type": "imagecb",
                 "password": SECRET_KEY,
-                "extra": {"callback_base_url": "https://af.example.com/", "webhook_hmac_key": HMAC_KEY, "timeout": 7},
+                "extra": {
+                    "callback_base_url": "https://af.example.com/",
+                    "webhook_hmac_key": HMAC_KEY,
+                    "timeout": 7,
+                },
             }
         ),
     )
@@ -91,7 +94,8 @@ def test_empty_host_means_the_vendor_api_and_extras_are_read(monkeypatch):
     assert settings.callback_base_url == "https://af.example.com"
     assert settings.webhook_hmac_key == HMAC_KEY
     assert settings.timeout == 7.0
-    assert SECRET_KEY not in repr(settings) and HMAC_KEY not in repr(settings)
+    assert SECRET_KEY not in repr(settings)
+    assert HMAC_KEY not in repr(settings)
 
 
 def test_connection_extras_never_become_request_headers(monkeypatch, imagecb_simulator):
@@ -99,8 +103,12 @@ def test_connection_extras_never_become_request_headers(monkeypatch, imagecb_sim
     monkeypatch.setenv(
         "AIRFLOW_CONN_IMAGECB_DEFAULT",
         json.dumps(
-            {"conn_type": "imagecb", "host": imagecb_simulator.url, "password": "test-key",
-             "extra": {"webhook_hmac_key": HMAC_KEY, "callback_base_url": "http://cb"}}
+            {
+                "conn_type": "imagecb",
+                "host": imagecb_simulator.url,
+                "password": "test-key",
+                "extra": {"webhook_hmac_key": HMAC_KEY, "callback_base_url": "http://cb"},
+            }
         ),
     )
     headers = ImageCbHook().get_conn().headers
@@ -113,16 +121,23 @@ def test_missing_api_key_fails_before_any_request(monkeypatch, imagecb_simulator
     monkeypatch.setenv(
         "AIRFLOW_CONN_IMAGECB_DEFAULT", json.dumps({"conn_type": "imagecb", "host": imagecb_simulator.url})
     )
-    with pytest.raises(ImageCbConfigurationError, match="no API key.*password"):
+    with pytest.raises(ImageCbConfigurationError, match=r"no API key.*password"):
         ImageCbHook().get_credits()
     assert sum(imagecb_simulator.stats()["requests"].values()) == 0
 
 
 def test_every_request_field_reaches_the_api(hook, imagecb_simulator):
     request = GenerationRequest(
-        prompt="a lighthouse at dawn", enable_translation=False, upload_cn=False,
-        input_image=f"{imagecb_simulator.url}/files/in.png", aspect_ratio="1:1", output_format="png",
-        prompt_upsampling=True, model="flux-kontext-max", safety_tolerance=2, watermark="wm-1",
+        prompt="a lighthouse at dawn",
+        enable_translation=False,
+        upload_cn=False,
+        input_image=f"{imagecb_simulator.url}/files/in.png",
+        aspect_ratio="1:1",
+        output_format="png",
+        prompt_upsampling=True,
+        model="flux-kontext-max",
+        safety_tolerance=2,
+        watermark="wm-1",
     )
     task_id = hook.submit(request)
     record = hook.get_task(task_id)
@@ -142,7 +157,8 @@ def test_task_goes_from_generating_to_success(hook, imagecb_simulator):
     done = hook.get_task(task_id)
     assert done.outcome is Outcome.SUCCESS
     assert done.result_image_url.startswith(imagecb_simulator.url)
-    assert done.created_at is not None and done.completed_at >= done.created_at
+    assert done.created_at is not None
+    assert done.completed_at >= done.created_at
 
 
 @pytest.mark.parametrize("timestamp_format", ["iso", "epoch_ms"])
@@ -167,14 +183,17 @@ def test_credits_and_fresh_download_links(hook, imagecb_simulator):
 
 def test_test_connection_reports_success_and_failure(hook, monkeypatch, imagecb_simulator):
     ok, message = hook.test_connection()
-    assert ok and imagecb_simulator.url in message and "credits" in message
+    assert ok
+    assert imagecb_simulator.url in message
+    assert "credits" in message
     monkeypatch.setenv(
         "AIRFLOW_CONN_IMAGECB_DEFAULT",
         json.dumps({"conn_type": "imagecb", "host": imagecb_simulator.url, "password": SECRET_KEY}),
     )
     ok, message = ImageCbHook().test_connection()
     assert not ok
-    assert "401" in message and "password" in message
+    assert "401" in message
+    assert "password" in message
     assert SECRET_KEY not in message
 
 
@@ -186,25 +205,35 @@ PERMANENT = [
     (422, ImageCbValidationError, "field"),
     (505, ImageCbFeatureDisabled, "disabled"),
 ]
-TRANSIENT = [(429, ImageCbRateLimited), (455, ImageCbUnavailable), (500, ImageCbServerError), (503, ImageCbServerError)]
+TRANSIENT = [
+    (429, ImageCbRateLimited),
+    (455, ImageCbUnavailable),
+    (500, ImageCbServerError),
+    (503, ImageCbServerError),
+]
 
 
 @pytest.mark.parametrize("as_http_status", [False, True], ids=["body-code", "http-status"])
 @pytest.mark.parametrize(("code", "error", "advice"), PERMANENT)
-def test_permanent_errors_fail_at_once_with_advice(hook, imagecb_simulator, waits, code, error, advice, as_http_status):
+def test_permanent_errors_fail_at_once_with_advice(
+    hook, imagecb_simulator, waits, code, error, advice, as_http_status
+):
     imagecb_simulator.inject(endpoint="credit", code=code, msg="vendor says no", http_status=as_http_status)
     with pytest.raises(error) as info:
         hook.get_credits()
     assert isinstance(info.value, ImageCbPermanentApiError)
     assert info.value.code == code
-    assert "vendor says no" in str(info.value) and advice in str(info.value)
+    assert "vendor says no" in str(info.value)
+    assert advice in str(info.value)
     assert waits == []
     assert _requests_to(imagecb_simulator, "credit") == 1
 
 
 @pytest.mark.parametrize("as_http_status", [False, True], ids=["body-code", "http-status"])
 @pytest.mark.parametrize(("code", "error"), TRANSIENT)
-def test_transient_errors_are_retried_then_succeed(hook, imagecb_simulator, waits, code, error, as_http_status):
+def test_transient_errors_are_retried_then_succeed(
+    hook, imagecb_simulator, waits, code, error, as_http_status
+):
     imagecb_simulator.inject(endpoint="credit", code=code, times=2, http_status=as_http_status)
     assert hook.get_credits() > 0
     assert len(waits) == 2
@@ -218,12 +247,15 @@ def test_retries_are_bounded_then_the_last_error_is_raised(hook, imagecb_simulat
         hook.get_credits()
     assert _requests_to(imagecb_simulator, "credit") == hook.retry_policy.max_attempts
     assert len(waits) == hook.retry_policy.max_attempts - 1
-    assert waits == sorted(waits) and all(0 < w <= 8.0 + 0.5 for w in waits)
+    assert waits == sorted(waits)
+    assert all(0 < w <= 8.0 + 0.5 for w in waits)
 
 
 @pytest.mark.parametrize("as_http_status", [False, True], ids=["body-code", "http-status"])
 def test_retry_after_is_honoured(hook, imagecb_simulator, waits, as_http_status):
-    imagecb_simulator.inject(endpoint="generate", code=429, times=1, retry_after=7, http_status=as_http_status)
+    imagecb_simulator.inject(
+        endpoint="generate", code=429, times=1, retry_after=7, http_status=as_http_status
+    )
     assert hook.submit(GenerationRequest(prompt="a whale"))
     assert waits == [7.0]
     assert imagecb_simulator.stats()["submissions"] == {"a whale": 1}
@@ -231,7 +263,9 @@ def test_retry_after_is_honoured(hook, imagecb_simulator, waits, as_http_status)
 
 def test_rate_limit_of_the_simulator_is_ridden_out(hook, imagecb_simulator, waits):
     imagecb_simulator.configure(rate_limit_count=2, rate_limit_window=0.5)
-    hook.retry_policy = RetryPolicy(max_attempts=6, sleep=__import__("time").sleep, initial_delay=0.3, jitter=0.1)
+    hook.retry_policy = RetryPolicy(
+        max_attempts=6, sleep=__import__("time").sleep, initial_delay=0.3, jitter=0.1
+    )
     ids = [hook.submit(GenerationRequest(prompt=f"a deer {i}")) for i in range(3)]
     assert len(set(ids)) == 3
     assert imagecb_simulator.stats()["submissions_total"] == 3
@@ -299,11 +333,14 @@ async def test_async_hook_retries_transient_faults_and_honours_retry_after(
     imagecb_simulator.inject(endpoint="record-info", drop=True)
     record = await async_hook.get_task(task_id)
     assert record.outcome is Outcome.SUCCESS
-    assert len(waits) == 3 and waits[0] == 3.0
+    assert len(waits) == 3
+    assert waits[0] == 3.0
 
 
 @pytest.mark.parametrize(("code", "error", "advice"), PERMANENT)
-async def test_async_hook_fails_at_once_on_permanent_errors(async_hook, imagecb_simulator, waits, code, error, advice):
+async def test_async_hook_fails_at_once_on_permanent_errors(
+    async_hook, imagecb_simulator, waits, code, error, advice
+):
     imagecb_simulator.inject(endpoint="record-info", code=code)
     with pytest.raises(error):
         await async_hook.get_task("task-whatever")
@@ -315,8 +352,12 @@ def test_api_key_never_reaches_logs_or_error_text(monkeypatch, imagecb_simulator
     monkeypatch.setenv(
         "AIRFLOW_CONN_IMAGECB_DEFAULT",
         json.dumps(
-            {"conn_type": "imagecb", "host": imagecb_simulator.url, "password": SECRET_KEY,
-             "extra": {"webhook_hmac_key": HMAC_KEY}}
+            {
+                "conn_type": "imagecb",
+                "host": imagecb_simulator.url,
+                "password": SECRET_KEY,
+                "extra": {"webhook_hmac_key": HMAC_KEY},
+            }
         ),
     )
     imagecb_simulator.configure(api_key=SECRET_KEY, latency=0.0)

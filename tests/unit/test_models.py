@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
 from imagecb_provider.exceptions import InvalidGenerationRequest
 from imagecb_provider.models import (
     MAX_PROMPT_LENGTH,
@@ -56,8 +55,14 @@ def test_unset_fields_are_omitted_and_callback_can_be_left_out():
 
 def test_strings_from_templates_and_csv_are_coerced():
     request = GenerationRequest(
-        prompt="  padded  ", safety_tolerance="5", enable_translation="false", prompt_upsampling="Yes",
-        aspect_ratio="16:9", model="FLUX-KONTEXT-PRO", output_format="", watermark="",
+        prompt="  padded  ",
+        safety_tolerance="5",
+        enable_translation="false",
+        prompt_upsampling="Yes",
+        aspect_ratio="16:9",
+        model="FLUX-KONTEXT-PRO",
+        output_format="",
+        watermark="",
     )
     assert request.prompt == "padded"
     assert request.safety_tolerance == 5
@@ -71,7 +76,7 @@ def test_strings_from_templates_and_csv_are_coerced():
 def test_from_dict_round_trips_and_rejects_unknown_keys():
     request = GenerationRequest.from_dict(FULL_REQUEST)
     assert GenerationRequest.from_dict(request.to_dict()) == request
-    with pytest.raises(InvalidGenerationRequest, match="colour.*not a request field") as info:
+    with pytest.raises(InvalidGenerationRequest, match=r"colour.*not a request field") as info:
         GenerationRequest.from_dict({"prompt": "x", "colour": "red"})
     assert info.value.field == "colour"
 
@@ -91,7 +96,11 @@ def test_from_dict_round_trips_and_rejects_unknown_keys():
         ({"safety_tolerance": -1}, "safety_tolerance", "0 to 6 when generating"),
         ({"safety_tolerance": "high"}, "safety_tolerance", "whole number"),
         ({"safety_tolerance": True}, "safety_tolerance", "whole number"),
-        ({"safety_tolerance": 3, "input_image": "https://e.com/a.png"}, "safety_tolerance", "0 to 2 when editing"),
+        (
+            {"safety_tolerance": 3, "input_image": "https://e.com/a.png"},
+            "safety_tolerance",
+            "0 to 2 when editing",
+        ),
         ({"input_image": "not a url"}, "input_image", "http:// or https://"),
         ({"input_image": "ftp://e.com/a.png"}, "input_image", "http:// or https://"),
         ({"callback_url": "file:///etc/passwd"}, "callback_url", "http:// or https://"),
@@ -130,8 +139,8 @@ def test_record_info_success_is_normalized():
     assert record.code == 200
     assert record.result_image_url == "https://x/r.jpg"
     assert record.origin_image_url == "https://x/o.jpg"
-    assert record.created_at == datetime(2024, 3, 20, 10, 25, tzinfo=timezone.utc)
-    assert record.completed_at == datetime(2024, 3, 20, 10, 30, tzinfo=timezone.utc)
+    assert record.created_at == datetime(2024, 3, 20, 10, 25, tzinfo=UTC)
+    assert record.completed_at == datetime(2024, 3, 20, 10, 30, tzinfo=UTC)
     assert record.params == {"prompt": "a cat", "aspectRatio": "16:9"}
 
 
@@ -172,7 +181,9 @@ def test_failure_codes_map_to_outcomes(flag, error_code, state, outcome):
 
 def test_epoch_millisecond_timestamps_are_read_like_iso_ones():
     iso = TaskRecord.from_record_info(RECORD)
-    epoch = TaskRecord.from_record_info({**RECORD, "createTime": 1710930300000, "completeTime": "1710930600000"})
+    epoch = TaskRecord.from_record_info(
+        {**RECORD, "createTime": 1710930300000, "completeTime": "1710930600000"}
+    )
     assert (epoch.created_at, epoch.completed_at) == (iso.created_at, iso.completed_at)
     assert epoch.created_at.tzinfo is not None
 
@@ -180,11 +191,11 @@ def test_epoch_millisecond_timestamps_are_read_like_iso_ones():
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("2024-03-20T10:30:00Z", datetime(2024, 3, 20, 10, 30, tzinfo=timezone.utc)),
-        ("2024-03-20T12:30:00+02:00", datetime(2024, 3, 20, 10, 30, tzinfo=timezone.utc)),
-        ("2024-03-20 10:30:00", datetime(2024, 3, 20, 10, 30, tzinfo=timezone.utc)),
-        (1710930600000, datetime(2024, 3, 20, 10, 30, tzinfo=timezone.utc)),
-        (1710930600, datetime(2024, 3, 20, 10, 30, tzinfo=timezone.utc)),
+        ("2024-03-20T10:30:00Z", datetime(2024, 3, 20, 10, 30, tzinfo=UTC)),
+        ("2024-03-20T12:30:00+02:00", datetime(2024, 3, 20, 10, 30, tzinfo=UTC)),
+        ("2024-03-20 10:30:00", datetime(2024, 3, 20, 10, 30, tzinfo=UTC)),
+        (1710930600000, datetime(2024, 3, 20, 10, 30, tzinfo=UTC)),
+        (1710930600, datetime(2024, 3, 20, 10, 30, tzinfo=UTC)),
         (None, None),
         ("", None),
         (0, None),
@@ -211,7 +222,10 @@ def test_callback_bodies_are_normalized(code, outcome):
         "msg": "BFL image generated successfully." if ok else "failed",
         "data": {
             "taskId": "task12345",
-            "info": {"originImageUrl": "https://x/o.jpg" if ok else "", "resultImageUrl": "https://x/r.jpg" if ok else ""},
+            "info": {
+                "originImageUrl": "https://x/o.jpg" if ok else "",
+                "resultImageUrl": "https://x/r.jpg" if ok else "",
+            },
         },
     }
     record = TaskRecord.from_callback(body)

@@ -9,7 +9,6 @@ means.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -186,7 +185,9 @@ class ImageCbHook(HttpHook):
         data = self._call("POST", GENERATE_PATH, json=request.to_payload(), idempotent=False)
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if not task_id:
-            raise ImageCbProtocolError(f"imagecb API accepted a submission on {GENERATE_PATH} but gave no taskId")
+            raise ImageCbProtocolError(
+                f"imagecb API accepted a submission on {GENERATE_PATH} but gave no taskId"
+            )
         self.log.info("Submitted image task %s (%s)", task_id, request.model or "default model")
         return str(task_id)
 
@@ -256,7 +257,9 @@ class ImageCbHook(HttpHook):
             response = self.run(endpoint, data=params, json=json)
         except requests.RequestException as error:
             if idempotent or _never_reached_server(error):
-                raise ImageCbConnectionError(f"Could not reach the imagecb API on {endpoint}: {error}") from error
+                raise ImageCbConnectionError(
+                    f"Could not reach the imagecb API on {endpoint}: {error}"
+                ) from error
             raise ImageCbSubmissionUncertain(
                 f"The submission to {endpoint} was sent but no answer came back ({type(error).__name__}); "
                 "the API may have accepted and charged it. It is not resent automatically, so the image "
@@ -314,9 +317,11 @@ class ImageCbAsyncHook(HttpAsyncHook):
     async def _request_once(self, method: str, endpoint: str, params: dict | None = None) -> Any:
         async with self.session(method) as http:
             try:
-                response = await http.run(endpoint=endpoint, data=params, extra_options={"check_response": False})
+                response = await http.run(
+                    endpoint=endpoint, data=params, extra_options={"check_response": False}
+                )
                 body = await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            except (TimeoutError, aiohttp.ClientError) as error:
                 raise ImageCbConnectionError(
                     f"Could not reach the imagecb API on {endpoint}: {type(error).__name__}: {error}"
                 ) from error

@@ -1,0 +1,159 @@
+"""
+Small DAGs run with ``dag.test()`` against the simulator: the operator and the sensor in real
+Airflow, asserting through ``/_sim/stats`` how many times each prompt was submitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timedelta
+
+import pytest
+from airflow.sdk import DAG, task
+from imagecb_provider.operators.generate import ImageGenerateOperator
+from imagecb_provider.sensors.task import ImageTaskSensor
+
+pytestmark = pytest.mark.airflow
+
+_ids = itertools.count()
+FAST = {"poll_interval": 0.2}
+
+
+def _dag(name: str, **kwargs) -> DAG:
+    return DAG(
+        f"{name}_{next(_ids)}",
+        schedule=None,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        default_args={"retry_delay": timedelta(seconds=0)},
+        **kwargs,
+    )
+
+
+def _tis(dag_run) -> dict:
+    return {ti.task_id: ti for ti in dag_run.get_task_instances()}
+
+
+def _result(dag_run, task_id: str):
+    return _tis(dag_run)[task_id].xcom_pull(task_ids=task_id)
+
+
+def test_success_returns_the_result_and_submits_once(run_dag, imagecb_simulator):
+    with _dag("gen_success") as dag:
+        ImageGenerateOperator(task_id="generate", prompt="a lantern", aspect_ratio="1:1", **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.state, ti.try_number) == ("success", "success", 1)
+    stats = imagecb_simulator.stats()
+    assert stats["submissions"] == {"a lantern": 1}
+    result = _result(dag_run, "generate")
+    assert result["outcome"] == "success"
+    assert result["request"] == {"prompt": "a lantern", "aspectRatio": "1:1"}
+    assert result["polls"] == stats["status_calls"][result["task_id"]]
+    assert result["result_image_url"].startswith(imagecb_simulator.url)
+
+
+def test_content_policy_fails_at_once_without_retry(run_dag, imagecb_simulator):
+    with _dag("gen_policy") as dag:
+        ImageGenerateOperator(task_id="generate", prompt="a thing [sim:content_policy]", retries=2, **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.state, ti.try_number) == ("failed", "failed", 1)
+    assert imagecb_simulator.stats()["submissions"] == {"a thing [sim:content_policy]": 1}
+
+
+def test_internal_error_is_retried_with_a_new_submission_that_succeeds(run_dag, imagecb_simulator):
+    prompt = "a comet [sim:flaky]"
+    with _dag("gen_flaky") as dag:
+        ImageGenerateOperator(task_id="generate", prompt=prompt, retries=1, **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.state, ti.try_number) == ("success", "success", 2)
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 2}
+    assert _result(dag_run, "generate")["outcome"] == "success"
+
+
+def test_return_mode_lets_a_failed_outcome_flow_downstream(run_dag, imagecb_simulator):
+    with _dag("gen_return") as dag:
+        generated = ImageGenerateOperator(
+            task_id="generate", prompt="a wave [sim:generation_failed]", failure_mode="return", **FAST
+        )
+
+        @task
+        def route(result: dict) -> str:
+            return result["outcome"]
+
+        route(generated.output)
+    dag_run = run_dag(dag)
+    assert dag_run.state == "success"
+    assert _result(dag_run, "route") == "generation_failed"
+
+
+class CrashAfterSubmitOperator(ImageGenerateOperator):
+    """Dies on its first try right after the submission was stored, as a killed worker would."""
+
+    def wait_for_remote_task(self, context, submission, **kwargs):
+        if context["ti"].try_number == 1:
+            raise RuntimeError("worker lost right after submitting")
+        return super().wait_for_remote_task(context, submission, **kwargs)
+
+
+def test_retry_after_a_crash_reconnects_without_a_second_submission(run_dag, imagecb_simulator):
+    imagecb_simulator.configure(latency=1.0)
+    with _dag("gen_crash") as dag:
+        CrashAfterSubmitOperator(task_id="generate", prompt="a glacier", retries=1, **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.try_number) == ("success", 2)
+    stats = imagecb_simulator.stats()
+    assert stats["submissions"] == {"a glacier": 1}
+    result = _result(dag_run, "generate")
+    assert result["task_id"] == next(iter(stats["tasks"]))
+    assert result["outcome"] == "success"
+
+
+def test_timeout_is_retried_and_the_retry_reconnects_to_the_same_task(run_dag, imagecb_simulator):
+    imagecb_simulator.configure(latency=1.5)
+    with _dag("gen_timeout") as dag:
+        ImageGenerateOperator(task_id="generate", prompt="a geyser", retries=2, timeout=0.7, **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert dag_run.state == "success"
+    assert ti.try_number >= 2
+    assert imagecb_simulator.stats()["submissions"] == {"a geyser": 1}
+
+
+def test_sensor_waits_for_a_task_submitted_without_waiting(run_dag, imagecb_simulator):
+    with _dag("gen_sensor") as dag:
+        submitted = ImageGenerateOperator(
+            task_id="submit", prompt="a meadow", wait_for_completion=False, **FAST
+        )
+        ImageTaskSensor(task_id="wait", remote_task_id=submitted.output, poke_interval=0.2)
+    dag_run = run_dag(dag)
+    assert dag_run.state == "success"
+    remote_task_id = _result(dag_run, "submit")
+    result = _result(dag_run, "wait")
+    assert result["task_id"] == remote_task_id
+    assert result["outcome"] == "success"
+    assert result["prompt"] == "a meadow"
+    assert imagecb_simulator.stats()["submissions"] == {"a meadow": 1}
+
+
+@pytest.mark.parametrize("mode", ["poke", "reschedule"])
+def test_non_deferrable_sensor_and_operator(run_dag, imagecb_simulator, mode):
+    with _dag(f"gen_sync_{mode}") as dag:
+        submitted = ImageGenerateOperator(
+            task_id="generate", prompt=f"a dune {mode}", deferrable=False, **FAST
+        )
+        ImageTaskSensor(
+            task_id="wait",
+            remote_task_id="{{ ti.xcom_pull(task_ids='generate')['task_id'] }}",
+            poke_interval=0.2,
+            deferrable=False,
+            mode=mode,
+        )
+        submitted >> dag.get_task("wait")
+    dag_run = run_dag(dag)
+    assert dag_run.state == "success"
+    assert _result(dag_run, "wait")["outcome"] == "success"
+    assert _result(dag_run, "generate")["outcome"] == "success"
