@@ -1,25 +1,19 @@
 """
-Quick start: generate a handful of images through ``ImageCbHook`` and keep the files.
+Quick start: the provider's operators on one image each way.
 
-The smallest useful job: submit every prompt, poll until each task ends, download each result
-image into ``archive_root``. It runs anywhere the ``imagecb_default`` connection points (the
-simulator for ``make demo``, the real API otherwise).
+* ``hero``: submit and wait in the triggerer, then archive the files;
+* ``submit`` + ``wait``: submit without waiting, and wait with the sensor.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
-from pathlib import Path
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag
 
-DEFAULT_PROMPTS = [
-    "a lighthouse on a cliff at dawn, watercolor",
-    "a red bicycle leaning on a white wall, photo",
-    "a bowl of ramen seen from above, studio light",
-    "a paper crane on a wooden desk, macro shot",
-]
+from imagecb_provider.operators.archive import ImageArchiveOperator
+from imagecb_provider.operators.generate import ImageGenerateOperator
+from imagecb_provider.sensors.task import ImageTaskSensor
 
 
 @dag(
@@ -28,43 +22,28 @@ DEFAULT_PROMPTS = [
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["imagecb", "example"],
-    default_args={"owner": "imagecb", "retries": 1},
+    default_args={"owner": "imagecb", "retries": 2},
     params={
-        "prompts": Param(DEFAULT_PROMPTS, type="array", description="One image per prompt"),
         "archive_root": Param("/tmp/imagecb-quickstart", type="string", description="Where files are kept"),
-        "poll_interval": Param(1.0, type="number", minimum=0.1, description="Seconds between status calls"),
+        "poll_interval": Param(30, type="number", minimum=0.1, description="Seconds between status calls"),
     },
 )
 def imagecb_quickstart():
-    @task
-    def generate_and_keep(params: dict) -> list[str]:
-        from imagecb_provider.hooks.imagecb import ImageCbHook
-        from imagecb_provider.models import GenerationRequest, Outcome
+    hero = ImageGenerateOperator(
+        task_id="hero",
+        prompt="a lighthouse on a cliff at dawn, watercolor",
+        aspect_ratio="4:3",
+        output_format="png",
+        poll_interval="{{ params.poll_interval }}",
+    )
+    ImageArchiveOperator(
+        task_id="keep", results=hero.output, destination="{{ params.archive_root }}/{{ ds }}"
+    )
 
-        hook = ImageCbHook()
-        requests = [GenerationRequest(prompt=p) for p in params["prompts"]]  # validated before any call
-        pending = {hook.submit(request): request for request in requests}
-        root = Path(params["archive_root"])
-        root.mkdir(parents=True, exist_ok=True)
-        kept = []
-        while pending:
-            time.sleep(params["poll_interval"])
-            for task_id in list(pending):
-                record = hook.get_task(task_id)
-                if not record.is_terminal:
-                    continue
-                pending.pop(task_id)
-                if record.outcome is not Outcome.SUCCESS:
-                    print(f"{task_id}: {record.outcome} ({record.message})")
-                    continue
-                body, content_type = hook.fetch_file(record.result_image_url)
-                path = root / f"{task_id}.{'png' if 'png' in content_type else 'jpg'}"
-                path.write_bytes(body)
-                kept.append(str(path))
-                print(f"{task_id}: {path} ({len(body)} bytes)")
-        return kept
-
-    generate_and_keep()
+    submitted = ImageGenerateOperator(
+        task_id="submit", prompt="a paper crane on a wooden desk, macro shot", wait_for_completion=False
+    )
+    ImageTaskSensor(task_id="wait", remote_task_id=submitted.output, poke_interval=5)
 
 
 imagecb_quickstart()

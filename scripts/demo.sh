@@ -7,7 +7,8 @@ ROOT=$PWD
 VENV=${VENV:-.venv}
 export PATH="$ROOT/$VENV/bin:$PATH"
 DEMO=${IMAGECB_DEMO_DIR:-$ROOT/.demo}
-DAG_ID=${IMAGECB_DEMO_DAG:-imagecb_quickstart}
+DAG_ID=imagecb_batch_generate
+RUN_DATE=${IMAGECB_DEMO_DATE:-$(date -u +%Y-%m-%d)}
 mkdir -p "$DEMO"
 
 export AIRFLOW_HOME="$DEMO/airflow"
@@ -39,16 +40,27 @@ echo "== simulator on http://127.0.0.1:$PORT; Airflow home $AIRFLOW_HOME"
 airflow db migrate > "$DEMO/db-migrate.log" 2>&1
 ARCHIVE="$DEMO/archive"
 RUN_LOG="$DEMO/$DAG_ID.log"
-echo "== airflow dags test $DAG_ID (log: $RUN_LOG)"
-if ! airflow dags test "$DAG_ID" -c "{\"archive_root\": \"$ARCHIVE\", \"poll_interval\": 1}" > "$RUN_LOG" 2>&1; then
+CONF="{\"archive_root\": \"$ARCHIVE\", \"poll_interval\": 1, \"timeout\": 8}"
+echo "== airflow dags test $DAG_ID $RUN_DATE (log: $RUN_LOG)"
+started=$(date +%s)
+status=0
+airflow dags test "$DAG_ID" "$RUN_DATE" -c "$CONF" > "$RUN_LOG" 2>&1 || status=$?
+if [ "$status" -ne 0 ] || grep -q "state=failed" "$RUN_LOG"; then
   tail -40 "$RUN_LOG"
-  echo "== the run FAILED; full log: $RUN_LOG" >&2
+  echo "== the run FAILED (exit $status); full log: $RUN_LOG" >&2
   exit 1
 fi
-if grep -q "state=failed\|DagRunState.FAILED" "$RUN_LOG"; then
-  tail -40 "$RUN_LOG"
-  echo "== the run FAILED; full log: $RUN_LOG" >&2
-  exit 1
-fi
-echo "== generated images:"
-find "$ARCHIVE" -type f -newer "$DEMO/db-migrate.log" | sort
+RUN_FOLDER="$ARCHIVE/$RUN_DATE"
+echo "== done in $(( $(date +%s) - started )) s"
+python - "$RUN_FOLDER/summary.json" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+print("outcomes:", json.dumps(summary["counts"]))
+print(f"rejected rows: {summary['rejected']}, resubmitted: {summary['resubmitted']}, "
+      f"reused from an earlier run: {summary['reused_from_earlier_run']}, credits used: {summary['credits']['used']}")
+for image in summary["images"]:
+    kept = next((f["path"] for f in image["files"] if f["source"] == "result"), "-")
+    print(f"  line {image['line']:>2} {image['outcome']:<17} {kept}")
+PY
+echo "== summary: $RUN_FOLDER/summary.json"
+echo "== report:  $RUN_FOLDER/report.html"

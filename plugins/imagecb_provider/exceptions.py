@@ -103,6 +103,14 @@ class ImageCbSubmissionUncertain(ImageCbError, AirflowFailException):
     """
 
 
+class ImageCbLinkExpired(ImageCbError):
+    """A file link was refused (expired pre-signed URL, 401/403/404/410): get a fresh one."""
+
+
+class ImageCbCorruptFile(ImageCbError):
+    """A downloaded file is not a whole image (bad signature, truncated, empty)."""
+
+
 class ImageCbConfigurationError(ImageCbError, AirflowFailException):
     """The connection or an argument is set up wrongly; nothing was sent."""
 

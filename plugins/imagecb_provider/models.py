@@ -267,7 +267,8 @@ def parse_timestamp(value: Any) -> datetime | None:
     return None
 
 
-def _iso(value: datetime | None) -> str | None:
+def to_iso(value: datetime | None) -> str | None:
+    """An aware datetime as ISO 8601 UTC with a Z, the form every result uses."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
@@ -360,8 +361,8 @@ class TaskRecord:
             "message": self.message,
             "result_image_url": self.result_image_url,
             "origin_image_url": self.origin_image_url,
-            "created_at": _iso(self.created_at),
-            "completed_at": _iso(self.completed_at),
+            "created_at": to_iso(self.created_at),
+            "completed_at": to_iso(self.completed_at),
             "params": self.params,
         }
 
@@ -425,8 +426,8 @@ def build_result(
         "origin_image_url": record.origin_image_url if record else None,
         "prompt": payload.get("prompt"),
         "request": payload,
-        "submitted_at": _iso(submitted or (record.created_at if record else None)),
-        "completed_at": _iso(completed),
+        "submitted_at": to_iso(submitted or (record.created_at if record else None)),
+        "completed_at": to_iso(completed),
         "polls": polls,
         "via": via,
     }

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from airflow.sdk import DAG, task
+
 from imagecb_provider.operators.generate import ImageGenerateOperator
 from imagecb_provider.sensors.task import ImageTaskSensor
 

@@ -7,6 +7,7 @@ import logging
 import socket
 
 import pytest
+
 from imagecb_provider.exceptions import (
     ImageCbApiError,
     ImageCbAuthenticationError,

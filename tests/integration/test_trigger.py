@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+
 from imagecb_provider.hooks.imagecb import ImageCbAsyncHook, ImageCbHook
 from imagecb_provider.hooks.protocol import RetryPolicy
 from imagecb_provider.models import GenerationRequest

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
 from imagecb_provider.exceptions import InvalidGenerationRequest
 from imagecb_provider.models import (
     MAX_PROMPT_LENGTH,

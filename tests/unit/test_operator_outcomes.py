@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+
 from imagecb_provider.exceptions import (
     ImageCbAuthenticationError,
     ImageCbNotFound,
@@ -70,7 +71,14 @@ def test_trigger_kwargs_hold_no_secret(monkeypatch):
     text = json.dumps(kwargs)
     assert "sk-secret-123456" not in text
     assert "hk-123456" not in text
-    assert set(kwargs) == {"remote_task_id", "deadline", "imagecb_conn_id", "poll_interval", "jitter"}
+    assert set(kwargs) == {
+        "remote_task_id",
+        "deadline",
+        "imagecb_conn_id",
+        "poll_interval",
+        "jitter",
+        "submission",
+    }
 
 
 def test_jittered_waits_stay_within_ten_percent_and_never_pass_the_deadline():
@@ -125,14 +133,14 @@ OUTCOMES = [
 @pytest.mark.parametrize(("outcome", "code", "error"), OUTCOMES)
 def test_execute_complete_raise_mode(outcome, code, error):
     op = ImageGenerateOperator(task_id="g", prompt="a cat")
-    event = {"status": "done", "record": _record(outcome, code), "polls": 3}
+    event = {"status": "done", "record": _record(outcome, code), "polls": 3, "submission": SUBMISSION}
     if error is None:
-        result = op.execute_complete({}, event, submission=SUBMISSION)
+        result = op.execute_complete({}, event)
         assert result["outcome"] == "success"
         assert result["polls"] == 4
         return
     with pytest.raises(error) as info:
-        op.execute_complete({}, event, submission=SUBMISSION)
+        op.execute_complete({}, event)
     assert info.value.result["outcome"] == outcome.value
     assert "task-1" in str(info.value)
     assert "vendor message" in str(info.value)
@@ -150,7 +158,7 @@ def test_content_policy_is_not_retried_but_other_failures_are():
 def test_execute_complete_return_mode_gives_the_full_result(outcome, code, error):
     op = ImageGenerateOperator(task_id="g", prompt="a cat", failure_mode="return")
     result = op.execute_complete(
-        {}, {"status": "done", "record": _record(outcome, code), "polls": 2}, submission=SUBMISSION
+        {}, {"status": "done", "record": _record(outcome, code), "polls": 2, "submission": SUBMISSION}
     )
     assert json.loads(json.dumps(result)) == result
     assert set(result) == {
@@ -178,30 +186,36 @@ def test_execute_complete_return_mode_gives_the_full_result(outcome, code, error
 
 
 def test_timeout_event_raises_retryable_timeout_or_returns_it():
-    event = {"status": "timeout", "record": _record(None, None), "polls": 9}
+    event = {"status": "timeout", "record": _record(None, None), "polls": 9, "submission": SUBMISSION}
     with pytest.raises(ImageTaskTimeout):
-        ImageGenerateOperator(task_id="g", prompt="a cat").execute_complete({}, event, submission=SUBMISSION)
+        ImageGenerateOperator(task_id="g", prompt="a cat").execute_complete({}, event)
     result = ImageGenerateOperator(task_id="g", prompt="a cat", failure_mode="return").execute_complete(
-        {}, event, submission=SUBMISSION
+        {}, event
     )
     assert (result["outcome"], result["completed_at"], result["polls"]) == ("timeout", None, 10)
 
 
 @pytest.mark.parametrize(("code", "error"), [(401, ImageCbAuthenticationError), (404, ImageCbNotFound)])
 def test_error_events_raise_the_api_error_in_both_modes(code, error):
-    event = {"status": "error", "code": code, "msg": "no", "endpoint": "/x", "polls": 1, "message": "m"}
+    event = {
+        "status": "error",
+        "code": code,
+        "msg": "no",
+        "endpoint": "/x",
+        "polls": 1,
+        "message": "m",
+        "submission": SUBMISSION,
+    }
     for mode in ("raise", "return"):
         with pytest.raises(error):
-            ImageGenerateOperator(task_id="g", prompt="a cat", failure_mode=mode).execute_complete(
-                {}, event, submission=SUBMISSION
-            )
+            ImageGenerateOperator(task_id="g", prompt="a cat", failure_mode=mode).execute_complete({}, event)
 
 
 def test_sensor_builds_the_request_from_the_record_params():
     record = {**_record(Outcome.SUCCESS, 200), "params": {"prompt": "a fox", "callBackUrl": "http://cb"}}
     sensor = ImageTaskSensor(task_id="s", remote_task_id="task-1", failure_mode="return")
     result = sensor.execute_complete(
-        {}, {"status": "done", "record": record, "polls": 2}, submission=sensor._submission()
+        {}, {"status": "done", "record": record, "polls": 2, "submission": sensor._submission()}
     )
     assert result["prompt"] == "a fox"
     assert result["request"] == {"prompt": "a fox"}

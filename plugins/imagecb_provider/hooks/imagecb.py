@@ -24,6 +24,8 @@ from urllib3.exceptions import ConnectTimeoutError
 from imagecb_provider.exceptions import (
     ImageCbConfigurationError,
     ImageCbConnectionError,
+    ImageCbCorruptFile,
+    ImageCbLinkExpired,
     ImageCbProtocolError,
     ImageCbSubmissionUncertain,
 )
@@ -37,6 +39,7 @@ from imagecb_provider.hooks.protocol import (
     RECORD_INFO_PATH,
     RETRYABLE_ERRORS,
     RetryPolicy,
+    error_for,
     parse_envelope,
 )
 from imagecb_provider.models import GenerationRequest, TaskRecord
@@ -45,6 +48,8 @@ CONN_TYPE = "imagecb"
 DEFAULT_CONN_ID = "imagecb_default"
 USER_AGENT = "airflow-provider-imagecb"
 MAX_FILE_BYTES = 64 * 1024 * 1024
+#: What an expired or foreign pre-signed link answers; anything else 4xx is a real error.
+LINK_REFUSED_STATUSES = frozenset({401, 403, 404, 410})
 
 
 @dataclass(frozen=True)
@@ -211,19 +216,30 @@ class ImageCbHook(HttpHook):
         Download a generated file; returns its bytes and content type.
 
         Sent without the API key: file links are pre-signed and may live on another host, which
-        must never see the key. A size cap guards the worker against a runaway body.
+        must never see the key. A refused or expired link raises :class:`ImageCbLinkExpired` at
+        once (ask for a fresh link instead); network errors and 5xx are retried.
         """
+        for attempt in self.retry_policy.retrying(RETRYABLE_ERRORS):
+            with attempt:
+                return self._fetch_once(url, max_bytes)
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+    def _fetch_once(self, url: str, max_bytes: int) -> tuple[bytes, str]:
+        shown = _without_query(url)
         try:
             with requests.get(url, timeout=self.settings.timeout, stream=True) as response:
-                response.raise_for_status()
+                if response.status_code in LINK_REFUSED_STATUSES:
+                    raise ImageCbLinkExpired(f"The link to {shown} was refused (HTTP {response.status_code})")
+                if response.status_code >= 400:
+                    raise error_for(response.status_code, response.reason or "", shown)
                 body = bytearray()
                 for chunk in response.iter_content(chunk_size=256 * 1024):
                     body.extend(chunk)
                     if len(body) > max_bytes:
-                        raise ImageCbProtocolError(f"File at {_without_query(url)} exceeds {max_bytes} bytes")
+                        raise ImageCbCorruptFile(f"The file at {shown} exceeds {max_bytes} bytes")
                 return bytes(body), response.headers.get("Content-Type", "")
         except requests.RequestException as error:
-            raise ImageCbConnectionError(f"Could not download {_without_query(url)}: {error}") from error
+            raise ImageCbConnectionError(f"Could not download {shown}: {error}") from error
 
     def test_connection(self) -> tuple[bool, str]:
         """What the UI's Test button calls: one authenticated, free call (the credit balance), no retries."""

@@ -53,13 +53,12 @@ class SubmissionLedger:
     store is absent the ledger is a no-op and the operator warns that a retry will submit anew.
     """
 
-    def __init__(self, context: Context, log: Any) -> None:
+    def __init__(self, context: Context) -> None:
         self._store = context.get("task_state_store")
-        if self._store is None:
-            log.warning(
-                "task_state_store is not available: a retry of this task cannot reconnect to the "
-                "image already submitted and will submit (and pay for) a new one"
-            )
+
+    @property
+    def available(self) -> bool:
+        return self._store is not None
 
     def load(self) -> dict[str, Any] | None:
         entry = self._store.get(STATE_KEY) if self._store is not None else None
@@ -99,7 +98,13 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
     :return: the result dict (see DESIGN.md), or the remote task id without waiting.
     """
 
-    template_fields: Sequence[str] = (*_REQUEST_ARGS, "request", "imagecb_conn_id")
+    template_fields: Sequence[str] = (
+        *_REQUEST_ARGS,
+        "request",
+        "imagecb_conn_id",
+        "poll_interval",
+        "timeout",
+    )
     template_fields_renderers = {"request": "json", "prompt": "md"}
     operator_extra_links = (GeneratedImageLink(),)
     ui_color = "#f4d9ff"
@@ -142,8 +147,12 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
         self.watermark = watermark
         self.imagecb_conn_id = imagecb_conn_id
         self.deferrable = deferrable
-        self.poll_interval = check_positive("poll_interval", poll_interval)
-        self.wait_timeout = check_positive("timeout", timeout)
+        # Both may come from DAG params ("{{ params.poll_interval }}"): checked now when literal,
+        # else after rendering.
+        self.poll_interval = (
+            poll_interval if _is_templated(poll_interval) else check_positive("poll_interval", poll_interval)
+        )
+        self.timeout = timeout if _is_templated(timeout) else check_positive("timeout", timeout)
         self.failure_mode = check_failure_mode(failure_mode)
         self.wait_for_completion = wait_for_completion
         if not _is_templated({"request": request, **{name: getattr(self, name) for name in _REQUEST_ARGS}}):
@@ -165,7 +174,12 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
     # ----------------------------------------------------------------------- execute
     def execute(self, context: Context) -> Any:
         request = self.generation_request()
-        ledger = SubmissionLedger(context, self.log)
+        ledger = SubmissionLedger(context)
+        if not ledger.available:
+            self.log.warning(
+                "task_state_store is not available: a retry of this task cannot reconnect to the "
+                "image already submitted and will submit (and pay for) a new one"
+            )
         submission = ledger.load()
         if submission and not submission.get("finished"):
             if not self.wait_for_completion:
@@ -181,8 +195,14 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
         if not self.wait_for_completion:
             ledger.finish()
             return submission["remote_task_id"]
+        return self._wait(context, submission)
+
+    def _wait(self, context: Context, submission: dict[str, Any]) -> Any:
         return self.wait_for_remote_task(
-            context, submission, poll_interval=self.poll_interval, timeout=self.wait_timeout
+            context,
+            submission,
+            poll_interval=check_positive("poll_interval", self.poll_interval),
+            timeout=check_positive("timeout", self.timeout),
         )
 
     def _submit(self, request: GenerationRequest, ledger: SubmissionLedger) -> dict[str, Any]:
@@ -208,9 +228,7 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
             self.log.info(
                 "Reconnecting to image task %s, submitted by an earlier try; still generating", remote_task_id
             )
-            return self.wait_for_remote_task(
-                context, submission, poll_interval=self.poll_interval, timeout=self.wait_timeout
-            )
+            return self._wait(context, submission)
         if record.outcome == Outcome.SUCCESS:
             self.log.info(
                 "Image task %s, submitted by an earlier try, already succeeded: no new submission",
@@ -237,11 +255,11 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
     def on_settled(self, context: Context, result: dict[str, Any]) -> None:
         # A timeout that will be retried keeps the submission open, so the retry reconnects.
         if result["outcome"] != Outcome.TIMEOUT or self.failure_mode == "return":
-            SubmissionLedger(context, self.log).finish()
+            SubmissionLedger(context).finish()
 
     def on_remote_task_error(self, context: Context, event: dict[str, Any]) -> None:
         if event.get("code") == 404:  # the remote task is gone: nothing left to reconnect to
-            SubmissionLedger(context, self.log).finish()
+            SubmissionLedger(context).finish()
 
 
 def _is_templated(value: Any) -> bool:
@@ -250,7 +268,7 @@ def _is_templated(value: Any) -> bool:
         return "{{" in value or "{%" in value
     if isinstance(value, Mapping):
         return any(_is_templated(item) for item in value.values())
-    return not isinstance(value, int | float | bool | type(None))
+    return not isinstance(value, int | float | bool | timedelta | type(None))
 
 
 def _shorten(text: str, limit: int = 80) -> str:

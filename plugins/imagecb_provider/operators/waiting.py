@@ -25,8 +25,12 @@ FAILURE_MODES = ("raise", "return")
 DEFERRAL_GRACE = 120.0
 
 
-def check_positive(name: str, value: float | timedelta) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+def check_positive(name: str, value: float | str | timedelta) -> float:
+    """Seconds from a number, a rendered template string or a timedelta; must be above zero."""
+    try:
+        seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    except (TypeError, ValueError):
+        seconds = 0.0
     if seconds <= 0:
         raise ValueError(f"{name}={value!r}: must be a positive number of seconds")
     return seconds
@@ -70,7 +74,7 @@ class ImageTaskWaitMixin:
         Defer to the trigger (or run it inline) and finish in :meth:`execute_complete`.
 
         ``submission`` describes what was sent (``remote_task_id``, ``request``,
-        ``submitted_at``, ``polls`` so far); it rides along in the deferral's kwargs, so the
+        ``submitted_at``, ``polls`` so far); the trigger hands it back in its event, so the
         result can be built after the deferral even without ``task_state_store``.
         """
         trigger = ImageTaskTrigger(
@@ -78,19 +82,19 @@ class ImageTaskWaitMixin:
             deadline=time.time() + timeout,
             imagecb_conn_id=self.imagecb_conn_id,
             poll_interval=poll_interval,
+            submission=submission,
         )
         if self.deferrable:
             self.defer(  # type: ignore[attr-defined]
                 trigger=trigger,
                 method_name="execute_complete",
-                kwargs={"submission": submission},
                 timeout=timedelta(seconds=timeout + poll_interval + DEFERRAL_GRACE),
             )
-        event = asyncio.run(_first_event(trigger))
-        return self.execute_complete(context, event, submission=submission)
+        return self.execute_complete(context, asyncio.run(_first_event(trigger)))
 
-    def execute_complete(self, context: Context, event: dict[str, Any], submission: dict[str, Any]) -> Any:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         """Resume after the trigger fired: build the result, then return it or raise by outcome."""
+        submission = event.get("submission") or {"remote_task_id": event.get("remote_task_id")}
         polls = int(submission.get("polls", 0)) + int(event.get("polls", 0))
         if event["status"] == EVENT_ERROR:
             self.on_remote_task_error(context, event)

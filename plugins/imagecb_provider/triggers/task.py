@@ -48,6 +48,9 @@ class ImageTaskTrigger(BaseTrigger):
     :param imagecb_conn_id: the ``imagecb`` connection; only its id is held, never the key.
     :param poll_interval: seconds between status calls (the vendor recommends 30).
     :param jitter: relative spread of each interval (0.1 means ±10 %).
+    :param submission: what the waiting task needs back with the event (remote id, request
+        payload, submission time, polls so far): JSON-safe and free of secrets. It rides in the
+        event because deferral kwargs do not reach ``execute_complete`` under ``dags test``.
     """
 
     def __init__(
@@ -57,8 +60,10 @@ class ImageTaskTrigger(BaseTrigger):
         imagecb_conn_id: str = DEFAULT_CONN_ID,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         jitter: float = DEFAULT_JITTER,
+        submission: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.submission = submission or {}
         self.remote_task_id = remote_task_id
         self.deadline = float(deadline)
         self.imagecb_conn_id = imagecb_conn_id
@@ -74,6 +79,7 @@ class ImageTaskTrigger(BaseTrigger):
                 "imagecb_conn_id": self.imagecb_conn_id,
                 "poll_interval": self.poll_interval,
                 "jitter": self.jitter,
+                "submission": self.submission,
             },
         )
 
@@ -91,7 +97,7 @@ class ImageTaskTrigger(BaseTrigger):
         last_state: str | None = None
         record: TaskRecord | None = None
         self.log.info(
-            "Waiting for image task %s: a status call every %.0f s (±%.0f %%)",
+            "Waiting for image task %s: a status call every %.3g s (±%.0f %%)",
             self.remote_task_id,
             self.poll_interval,
             self.jitter * 100,
@@ -119,30 +125,26 @@ class ImageTaskTrigger(BaseTrigger):
                     elapsed,
                 )
             if record is not None and record.is_terminal:
-                yield TriggerEvent({"status": EVENT_DONE, "record": record.to_dict(), "polls": polls})
+                yield TriggerEvent(self._event(EVENT_DONE, polls, record))
                 return
             if time.time() >= self.deadline:
                 self.log.warning(
                     "Image task %s still generating at the deadline (%.0f s)", self.remote_task_id, elapsed
                 )
-                yield TriggerEvent(
-                    {
-                        "status": EVENT_TIMEOUT,
-                        "record": record.to_dict() if record else None,
-                        "polls": polls,
-                        "remote_task_id": self.remote_task_id,
-                    }
-                )
+                yield TriggerEvent(self._event(EVENT_TIMEOUT, polls, record))
                 return
 
-    def _error_event(self, error: ImageCbError, polls: int) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "status": EVENT_ERROR,
+    def _event(self, status: str, polls: int, record: TaskRecord | None = None) -> dict[str, Any]:
+        return {
+            "status": status,
             "polls": polls,
             "remote_task_id": self.remote_task_id,
-            "message": str(error),
-            "error_type": type(error).__name__,
+            "record": record.to_dict() if record else None,
+            "submission": self.submission,
         }
+
+    def _error_event(self, error: ImageCbError, polls: int) -> dict[str, Any]:
+        event = {**self._event(EVENT_ERROR, polls), "message": str(error), "error_type": type(error).__name__}
         if isinstance(error, ImageCbApiError):
             event.update(code=error.code, msg=error.msg, endpoint=error.endpoint)
         return event

@@ -1,0 +1,204 @@
+"""
+The nightly image batch: one image per prompt in a file, failures routed by their code, every
+image archived, one report for the whole batch.
+
+Per prompt (a mapped task group ``image``):
+    generate ─▶ route ─┬─▶ archive                         (success)
+                       ├─▶ quarantine                      (content policy, timeout: prompt and reason)
+                       └─▶ resubmit ─▶ archive_resubmit    (internal error, generation failed: one more try)
+Then ``report`` writes ``summary.json`` and ``report.html`` into ``<archive_root>/<date>/``.
+
+Safe to rerun: the run folder is keyed by the logical date, a prompt whose image is already in
+that folder's manifest is not generated again, a cleared task reconnects to or replaces only its
+own image, and manifests never take a line twice. Nothing is read or sent at parse time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from airflow.sdk import Param, dag, get_current_context, task, task_group
+
+from imagecb_provider.operators.archive import ImageArchiveOperator
+from imagecb_provider.operators.branch import ImageOutcomeBranchOperator
+from imagecb_provider.operators.generate import ImageGenerateOperator
+
+DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "include" / "prompts" / "demo.csv")
+RUN_FOLDER = "{{ params.archive_root.rstrip('/') }}/{{ ds }}"
+IMAGES = f"{RUN_FOLDER}/images"
+CONN_ID = "{{ params.imagecb_conn_id }}"
+
+ROUTES = {
+    "success": "image.archive",
+    "content_policy": "image.quarantine",
+    "timeout": "image.quarantine",
+    "internal_error": "image.resubmit",
+    "generation_failed": "image.resubmit",
+}
+
+
+def _folder(url: str):
+    from imagecb_provider.hooks.archive import storage_path
+
+    return storage_path(url)
+
+
+@dag(
+    dag_id="imagecb_batch_generate",
+    description="Generate one image per prompt, route failures by code, archive everything, report",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["imagecb", "images", "batch"],
+    default_args={"owner": "imagecb", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "prompts_path": Param(
+            DEMO_PROMPTS, type="string", description="CSV (prompt column) or JSONL of prompts"
+        ),
+        "archive_root": Param("/tmp/imagecb-archive", type="string", description="Folder or URL (s3://…)"),
+        "poll_interval": Param(30, type="number", minimum=0.1, description="Seconds between status calls"),
+        "timeout": Param(1800, type="number", minimum=1, description="Seconds one image may take"),
+        "model": Param("flux-kontext-pro", enum=["flux-kontext-pro", "flux-kontext-max"]),
+        "aspect_ratio": Param("16:9", enum=["21:9", "16:9", "4:3", "1:1", "3:4", "9:16"]),
+        "imagecb_conn_id": Param("imagecb_default", type="string"),
+    },
+    render_template_as_native_obj=False,
+)
+def imagecb_batch_generate():
+    @task(multiple_outputs=True)
+    def read_prompts(params: dict, ds: str) -> dict:
+        """Validate every row before anything is sent; reuse images this date's run already kept."""
+        from imagecb_provider.hooks.archive import JsonlLedger
+        from imagecb_provider.hooks.imagecb import ImageCbHook
+        from imagecb_provider.prompts import parse_prompt_file
+
+        path = params["prompts_path"]
+        batch = parse_prompt_file(
+            Path(path).read_text(encoding="utf-8"),
+            path,
+            defaults={"model": params["model"], "aspect_ratio": params["aspect_ratio"]},
+        )
+        manifest = JsonlLedger(
+            _folder(f"{params['archive_root'].rstrip('/')}/{ds}/images") / "manifest.jsonl", ()
+        )
+        kept = {}
+        for entry in manifest.read():
+            kept.setdefault(entry.get("request_key"), []).append(entry)
+        to_generate = [item for item in batch.requests if item["key"] not in kept]
+        reused = [
+            {
+                "line": item["line"],
+                "prompt": item["request"]["prompt"],
+                "outcome": "success",
+                "first_outcome": "success",
+                "resubmitted": False,
+                "task_id": kept[item["key"]][0]["remote_task_id"],
+                "reason": None,
+                "seconds": None,
+                "files": kept[item["key"]],
+            }
+            for item in batch.requests
+            if item["key"] in kept
+        ]
+        print(
+            f"{len(batch.requests)} valid prompts ({len(reused)} already archived for {ds}), "
+            f"{len(batch.rejected)} rejected rows"
+        )
+        for row in batch.rejected:
+            print(f"  rejected line {row['line']}: {row['error']}")
+        return {
+            "requests": [item["request"] for item in to_generate],
+            "items": to_generate,
+            "rejected": batch.rejected,
+            "reused": reused,
+            "credits_before": ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
+        }
+
+    @task
+    def quarantine(result: dict, params: dict, ds: str) -> dict:
+        """Set the prompt aside with its reason; the manifest-like ledger never takes it twice."""
+        from imagecb_provider.hooks.archive import JsonlLedger
+
+        entry = {
+            key: result.get(key) for key in ("task_id", "prompt", "outcome", "code", "message", "request")
+        }
+        ledger = JsonlLedger(
+            _folder(f"{params['archive_root'].rstrip('/')}/{ds}") / "quarantine.jsonl", ("task_id",)
+        )
+        ledger.add([entry])
+        print(f"Quarantined {result.get('prompt')!r}: {result.get('outcome')} ({result.get('message')})")
+        return entry
+
+    @task_group(group_id="image")
+    def image(request: dict):
+        generate = ImageGenerateOperator(
+            task_id="generate",
+            request=request,
+            failure_mode="return",
+            poll_interval="{{ params.poll_interval }}",
+            timeout="{{ params.timeout }}",
+            imagecb_conn_id=CONN_ID,
+        )
+        route = ImageOutcomeBranchOperator(task_id="route", result=generate.output, branches=ROUTES)
+        archive = ImageArchiveOperator(
+            task_id="archive", results=generate.output, destination=IMAGES, imagecb_conn_id=CONN_ID
+        )
+        resubmit = ImageGenerateOperator(
+            task_id="resubmit",
+            request=request,
+            failure_mode="return",
+            poll_interval="{{ params.poll_interval }}",
+            timeout="{{ params.timeout }}",
+            imagecb_conn_id=CONN_ID,
+        )
+        archive_resubmit = ImageArchiveOperator(
+            task_id="archive_resubmit", results=resubmit.output, destination=IMAGES, imagecb_conn_id=CONN_ID
+        )
+        generate >> route >> [archive, quarantine(generate.output), resubmit]
+        resubmit >> archive_resubmit
+
+    @task(trigger_rule="all_done")
+    def report(batch: dict, params: dict, ds: str) -> dict:
+        """Write summary.json and the HTML contact sheet for the whole batch."""
+        import json
+        from datetime import UTC
+
+        from imagecb_provider.hooks.imagecb import ImageCbHook
+        from imagecb_provider.report import build_summary, render_contact_sheet
+
+        context = get_current_context()
+        ti, dag_run = context["ti"], context["dag_run"]
+        run_folder = _folder(f"{params['archive_root'].rstrip('/')}/{ds}")
+
+        def pulled(task_id: str) -> list:
+            values = ti.xcom_pull(task_ids=task_id, map_indexes=None, default=[])
+            return list(values) if isinstance(values, list | tuple) else [values]
+
+        summary = build_summary(
+            run_id=dag_run.run_id,
+            prompts_path=params["prompts_path"],
+            requests=batch["items"],
+            rejected=batch["rejected"],
+            reused=batch["reused"],
+            generated=pulled("image.generate"),
+            resubmitted=pulled("image.resubmit"),
+            archived=pulled("image.archive") + pulled("image.archive_resubmit"),
+            credits_before=batch["credits_before"],
+            credits_after=ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
+            started_at=dag_run.start_date,
+            finished_at=datetime.now(UTC),
+        )
+        run_folder.mkdir(parents=True, exist_ok=True)
+        (run_folder / "summary.json").write_text(json.dumps(summary, indent=2))
+        (run_folder / "report.html").write_text(render_contact_sheet(summary, str(run_folder)))
+        print(f"Summary: {json.dumps(summary['counts'])}; report: {run_folder / 'report.html'}")
+        return {"summary": str(run_folder / "summary.json"), "report": str(run_folder / "report.html")}
+
+    batch = read_prompts()
+    images = image.expand(request=batch["requests"])
+    images >> report(batch)
+
+
+imagecb_batch_generate()
