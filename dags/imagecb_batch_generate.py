@@ -28,6 +28,7 @@ DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "include" / "prompts" /
 RUN_FOLDER = "{{ params.archive_root.rstrip('/') }}/{{ ds }}"
 IMAGES = f"{RUN_FOLDER}/images"
 CONN_ID = "{{ params.imagecb_conn_id }}"
+BATCH_XCOM = "batch"
 
 ROUTES = {
     "success": "image.archive",
@@ -67,9 +68,14 @@ def _folder(url: str):
     render_template_as_native_obj=False,
 )
 def imagecb_batch_generate():
-    @task(multiple_outputs=True)
-    def read_prompts(params: dict, ds: str) -> dict:
-        """Validate every row before anything is sent; reuse images this date's run already kept."""
+    @task
+    def read_prompts(params: dict, ds: str) -> list[dict]:
+        """
+        Validate every row before anything is sent; reuse images this date's run already kept.
+
+        Returns the requests to generate (what the group maps over); the rest of the batch (all
+        rows, rejected ones, reused images, credits before) goes to the report as XCom ``batch``.
+        """
         from imagecb_provider.hooks.archive import JsonlLedger
         from imagecb_provider.hooks.imagecb import ImageCbHook
         from imagecb_provider.prompts import parse_prompt_file
@@ -108,13 +114,16 @@ def imagecb_batch_generate():
         )
         for row in batch.rejected:
             print(f"  rejected line {row['line']}: {row['error']}")
-        return {
-            "requests": [item["request"] for item in to_generate],
-            "items": to_generate,
-            "rejected": batch.rejected,
-            "reused": reused,
-            "credits_before": ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
-        }
+        get_current_context()["ti"].xcom_push(
+            key=BATCH_XCOM,
+            value={
+                "items": to_generate,
+                "rejected": batch.rejected,
+                "reused": reused,
+                "credits_before": ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
+            },
+        )
+        return [item["request"] for item in to_generate]
 
     @task
     def quarantine(result: dict, params: dict, ds: str) -> dict:
@@ -160,7 +169,7 @@ def imagecb_batch_generate():
         resubmit >> archive_resubmit
 
     @task(trigger_rule="all_done")
-    def report(batch: dict, params: dict, ds: str) -> dict:
+    def report(params: dict, ds: str) -> dict:
         """Write summary.json and the HTML contact sheet for the whole batch."""
         import json
         from datetime import UTC
@@ -170,11 +179,12 @@ def imagecb_batch_generate():
 
         context = get_current_context()
         ti, dag_run = context["ti"], context["dag_run"]
+        batch = ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM)
         run_folder = _folder(f"{params['archive_root'].rstrip('/')}/{ds}")
 
         def pulled(task_id: str) -> list:
-            values = ti.xcom_pull(task_ids=task_id, map_indexes=None, default=[])
-            return list(values) if isinstance(values, list | tuple) else [values]
+            # A list of task ids gives every map index's value, as a list even when only one exists.
+            return list(ti.xcom_pull(task_ids=[task_id]) or [])
 
         summary = build_summary(
             run_id=dag_run.run_id,
@@ -196,9 +206,7 @@ def imagecb_batch_generate():
         print(f"Summary: {json.dumps(summary['counts'])}; report: {run_folder / 'report.html'}")
         return {"summary": str(run_folder / "summary.json"), "report": str(run_folder / "report.html")}
 
-    batch = read_prompts()
-    images = image.expand(request=batch["requests"])
-    images >> report(batch)
+    image.expand(request=read_prompts()) >> report()
 
 
 imagecb_batch_generate()

@@ -18,6 +18,7 @@ from airflow.sdk import BaseOperator
 from imagecb_provider.hooks.archive import MANIFEST_NAME, ArchivedFile, ArchiveStore, storage_path
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.models import Outcome
+from imagecb_provider.prompts import request_key
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -86,31 +87,21 @@ class ImageArchiveOperator(BaseOperator):
             files = list(pool.map(lambda job: self.store.keep(**job), jobs))
         added = self.store.record(files)
         self.log.info(
-            "Kept %d file(s); %d new manifest line(s) in %s", len(files), added, self.store.manifest
+            "Kept %d file(s); %d new manifest line(s) in %s", len(files), added, self.store.manifest.path
         )
         archived = [self._with_files(result, files) for result in successes]
         return archived[0] if single and archived else (None if single else archived)
 
     def _jobs(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        remote_task_id, prompt = result["task_id"], result.get("prompt")
-        jobs = [
-            {
-                "remote_task_id": remote_task_id,
-                "source": "result",
-                "url": result["result_image_url"],
-                "prompt": prompt,
-            }
-        ]
+        common = {
+            "remote_task_id": result["task_id"],
+            "prompt": result.get("prompt"),
+            "request_key": request_key(result.get("request") or {}),
+        }
+        jobs = [{**common, "source": "result", "url": result["result_image_url"]}]
         if self.keep_origin and result.get("origin_image_url"):
-            jobs.append(
-                {
-                    "remote_task_id": remote_task_id,
-                    "source": "origin",
-                    "url": result["origin_image_url"],
-                    "prompt": prompt,
-                    "fallback_url": result["result_image_url"],
-                }
-            )
+            origin_url, fallback_url = result["origin_image_url"], result["result_image_url"]
+            jobs.append({**common, "source": "origin", "url": origin_url, "fallback_url": fallback_url})
         return jobs
 
     @staticmethod
