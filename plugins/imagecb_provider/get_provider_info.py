@@ -20,7 +20,11 @@ def get_provider_info() -> dict:
         "operators": [
             {
                 "integration-name": INTEGRATION,
-                "python-modules": ["imagecb_provider.operators.generate"],
+                "python-modules": [
+                    "imagecb_provider.operators.generate",
+                    "imagecb_provider.operators.branch",
+                    "imagecb_provider.operators.archive",
+                ],
             }
         ],
         "sensors": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.sensors.task"]}],
