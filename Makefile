@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## make airflow: full local Airflow with the UI (PostgreSQL when one answers), the simulator, the connection
+airflow: $(STAMP)
+	@VENV=$(VENV) bash scripts/airflow.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

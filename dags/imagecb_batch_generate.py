@@ -142,29 +142,19 @@ def imagecb_batch_generate():
 
     @task_group(group_id="image")
     def image(request: dict):
-        generate = ImageGenerateOperator(
-            task_id="generate",
-            request=request,
-            failure_mode="return",
-            poll_interval="{{ params.poll_interval }}",
-            timeout="{{ params.timeout }}",
-            imagecb_conn_id=CONN_ID,
-        )
+        # The first try and the one resubmission are the same request, waited for the same way.
+        wait = {
+            "failure_mode": "return",
+            "poll_interval": "{{ params.poll_interval }}",
+            "timeout": "{{ params.timeout }}",
+            "imagecb_conn_id": CONN_ID,
+        }
+        keep = {"destination": IMAGES, "imagecb_conn_id": CONN_ID}
+        generate = ImageGenerateOperator(task_id="generate", request=request, **wait)
         route = ImageOutcomeBranchOperator(task_id="route", result=generate.output, branches=ROUTES)
-        archive = ImageArchiveOperator(
-            task_id="archive", results=generate.output, destination=IMAGES, imagecb_conn_id=CONN_ID
-        )
-        resubmit = ImageGenerateOperator(
-            task_id="resubmit",
-            request=request,
-            failure_mode="return",
-            poll_interval="{{ params.poll_interval }}",
-            timeout="{{ params.timeout }}",
-            imagecb_conn_id=CONN_ID,
-        )
-        archive_resubmit = ImageArchiveOperator(
-            task_id="archive_resubmit", results=resubmit.output, destination=IMAGES, imagecb_conn_id=CONN_ID
-        )
+        archive = ImageArchiveOperator(task_id="archive", results=generate.output, **keep)
+        resubmit = ImageGenerateOperator(task_id="resubmit", request=request, **wait)
+        archive_resubmit = ImageArchiveOperator(task_id="archive_resubmit", results=resubmit.output, **keep)
         generate >> route >> [archive, quarantine(generate.output), resubmit]
         resubmit >> archive_resubmit
 
