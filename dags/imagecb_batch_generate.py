@@ -15,7 +15,7 @@ own image, and manifests never take a line twice. Nothing is read or sent at par
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task, task_group
@@ -121,6 +121,7 @@ def imagecb_batch_generate():
                 "rejected": batch.rejected,
                 "reused": reused,
                 "credits_before": ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
+                "started_at": datetime.now(UTC).isoformat(),
             },
         )
         return [item["request"] for item in to_generate]
@@ -162,7 +163,6 @@ def imagecb_batch_generate():
     def report(params: dict, ds: str) -> dict:
         """Write summary.json and the HTML contact sheet for the whole batch."""
         import json
-        from datetime import UTC
 
         from imagecb_provider.hooks.imagecb import ImageCbHook
         from imagecb_provider.report import build_summary, render_contact_sheet
@@ -187,7 +187,7 @@ def imagecb_batch_generate():
             archived=pulled("image.archive") + pulled("image.archive_resubmit"),
             credits_before=batch["credits_before"],
             credits_after=ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
-            started_at=dag_run.start_date,
+            started_at=datetime.fromisoformat(batch["started_at"]),
             finished_at=datetime.now(UTC),
         )
         run_folder.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,8 @@ def _extra_counts(counts: Counter) -> dict[str, int]:
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px}
-.counts span{display:inline-block;margin:0 8px 8px 0;padding:4px 10px;border-radius:12px;background:#eee}
+.counts span{display:inline-block;margin:0 8px 8px 0;padding:4px 10px;border-radius:12px;font-size:14px}
+.counts .rejected{background:#eee;color:#222}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:14px}
 .card{background:#fff;border:1px solid #ddd;border-radius:8px;overflow:hidden}
 .card img{width:100%;height:150px;object-fit:cover;display:block;background:#eee}
@@ -158,7 +159,7 @@ def _card(image: Mapping[str, Any], run_url: str) -> str:
 def render_contact_sheet(summary: Mapping[str, Any], run_url: str) -> str:
     """The HTML contact sheet; image paths are made relative to ``run_url`` so the folder is portable."""
     counts = "".join(
-        f'<span class="{html.escape(k)}" style="color:#fff">{html.escape(k)}: {v}</span>'
+        f'<span class="badge {html.escape(k)}">{html.escape(k)}: {v}</span>'
         for k, v in summary["counts"].items()
         if v
     )
@@ -182,6 +183,6 @@ def render_contact_sheet(summary: Mapping[str, Any], run_url: str) -> str:
         f'<div class="meta">{summary["prompts"]} prompts from {html.escape(summary["prompts_path"])} · '
         f"{summary['archived_files']} files archived · credits used: {credits['used']} · "
         f"batch time: {summary['durations']['batch_seconds']} s</div>"
-        f'<div class="counts">{counts}<span>rejected: {summary["rejected"]}</span></div>'
+        f'<div class="counts">{counts}<span class="rejected">rejected: {summary["rejected"]}</span></div>'
         f'<div class="grid">{cards}</div>{rejected_table}</body></html>'
     )
