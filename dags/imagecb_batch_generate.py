@@ -25,7 +25,10 @@ from imagecb_provider.operators.branch import ImageOutcomeBranchOperator
 from imagecb_provider.operators.generate import ImageGenerateOperator
 
 DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "include" / "prompts" / "demo.csv")
-RUN_FOLDER = "{{ params.archive_root.rstrip('/') }}/{{ ds }}"
+# The run's folder is keyed by its day: the logical date, or for a manual run without one (the
+# Airflow 3 default), the day it was triggered for. Tasks get it rendered, so the rule lives here only.
+RUN_DAY = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
+RUN_FOLDER = "{{ params.archive_root.rstrip('/') }}/" + RUN_DAY
 IMAGES = f"{RUN_FOLDER}/images"
 CONN_ID = "{{ params.imagecb_conn_id }}"
 BATCH_XCOM = "batch"
@@ -48,6 +51,7 @@ def _folder(url: str):
 @dag(
     dag_id="imagecb_batch_generate",
     description="Generate one image per prompt, route failures by code, archive everything, report",
+    doc_md=__doc__,
     schedule="@daily",
     start_date=datetime(2026, 1, 1),
     catchup=False,
@@ -69,7 +73,7 @@ def _folder(url: str):
 )
 def imagecb_batch_generate():
     @task
-    def read_prompts(params: dict, ds: str) -> list[dict]:
+    def read_prompts(run_folder: str, params: dict) -> list[dict]:
         """
         Validate every row before anything is sent; reuse images this date's run already kept.
 
@@ -86,9 +90,7 @@ def imagecb_batch_generate():
             path,
             defaults={"model": params["model"], "aspect_ratio": params["aspect_ratio"]},
         )
-        manifest = JsonlLedger(
-            _folder(f"{params['archive_root'].rstrip('/')}/{ds}/images") / "manifest.jsonl", ()
-        )
+        manifest = JsonlLedger(_folder(run_folder) / "images" / "manifest.jsonl", ())
         kept = {}
         for entry in manifest.read():
             kept.setdefault(entry.get("request_key"), []).append(entry)
@@ -109,7 +111,7 @@ def imagecb_batch_generate():
             if item["key"] in kept
         ]
         print(
-            f"{len(batch.requests)} valid prompts ({len(reused)} already archived for {ds}), "
+            f"{len(batch.requests)} valid prompts ({len(reused)} already archived in {run_folder}), "
             f"{len(batch.rejected)} rejected rows"
         )
         for row in batch.rejected:
@@ -127,16 +129,14 @@ def imagecb_batch_generate():
         return [item["request"] for item in to_generate]
 
     @task
-    def quarantine(result: dict, params: dict, ds: str) -> dict:
+    def quarantine(result: dict, run_folder: str) -> dict:
         """Set the prompt aside with its reason; the manifest-like ledger never takes it twice."""
         from imagecb_provider.hooks.archive import JsonlLedger
 
         entry = {
             key: result.get(key) for key in ("task_id", "prompt", "outcome", "code", "message", "request")
         }
-        ledger = JsonlLedger(
-            _folder(f"{params['archive_root'].rstrip('/')}/{ds}") / "quarantine.jsonl", ("task_id",)
-        )
+        ledger = JsonlLedger(_folder(run_folder) / "quarantine.jsonl", ("task_id",))
         ledger.add([entry])
         print(f"Quarantined {result.get('prompt')!r}: {result.get('outcome')} ({result.get('message')})")
         return entry
@@ -156,11 +156,11 @@ def imagecb_batch_generate():
         archive = ImageArchiveOperator(task_id="archive", results=generate.output, **keep)
         resubmit = ImageGenerateOperator(task_id="resubmit", request=request, **wait)
         archive_resubmit = ImageArchiveOperator(task_id="archive_resubmit", results=resubmit.output, **keep)
-        generate >> route >> [archive, quarantine(generate.output), resubmit]
+        generate >> route >> [archive, quarantine(generate.output, run_folder=RUN_FOLDER), resubmit]
         resubmit >> archive_resubmit
 
     @task(trigger_rule="all_done")
-    def report(params: dict, ds: str) -> dict:
+    def report(run_folder: str, params: dict) -> dict:
         """Write summary.json and the HTML contact sheet for the whole batch."""
         import json
 
@@ -170,7 +170,7 @@ def imagecb_batch_generate():
         context = get_current_context()
         ti, dag_run = context["ti"], context["dag_run"]
         batch = ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM)
-        run_folder = _folder(f"{params['archive_root'].rstrip('/')}/{ds}")
+        run_folder = _folder(run_folder)
 
         def pulled(task_id: str) -> list:
             # A list of task ids gives every map index's value, as a list even when only one exists.
@@ -196,7 +196,7 @@ def imagecb_batch_generate():
         print(f"Summary: {json.dumps(summary['counts'])}; report: {run_folder / 'report.html'}")
         return {"summary": str(run_folder / "summary.json"), "report": str(run_folder / "report.html")}
 
-    image.expand(request=read_prompts()) >> report()
+    image.expand(request=read_prompts(run_folder=RUN_FOLDER)) >> report(run_folder=RUN_FOLDER)
 
 
 imagecb_batch_generate()

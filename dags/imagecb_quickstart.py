@@ -22,6 +22,7 @@ from imagecb_provider.sensors.task import ImageTaskSensor
     start_date=datetime(2026, 1, 1),
     catchup=False,
     tags=["imagecb", "example"],
+    doc_md=__doc__,
     default_args={"owner": "imagecb", "retries": 2},
     params={
         "archive_root": Param("/tmp/imagecb-quickstart", type="string", description="Where files are kept"),

@@ -115,3 +115,19 @@ def test_the_demo_batch_end_to_end_and_again(run_dag, batch_dag, imagecb_simulat
     summary2 = json.loads((run_folder / "summary.json").read_text())
     assert summary2["reused_from_earlier_run"] == EXPECTED_COUNTS["success"]
     assert summary2["counts"]["success"] == EXPECTED_COUNTS["success"]
+
+
+def test_a_manual_run_without_a_logical_date_keys_its_folder_by_run_after(
+    run_dag, batch_dag, imagecb_simulator, tmp_path
+):
+    """Airflow 3 creates manual runs without a logical date: the batch must still find its folder."""
+    prompts = tmp_path / "two.jsonl"
+    prompts.write_text('{"prompt": "a small boat"}\n{"prompt": "a big ship", "output_format": "png"}\n')
+    conf = {"archive_root": str(tmp_path / "archive"), "prompts_path": str(prompts), "poll_interval": 0.2}
+    dag_run = run_dag(batch_dag, logical_date=None, run_conf=conf)
+    assert dag_run.state == "success"
+    assert dag_run.logical_date is None
+    folder = tmp_path / "archive" / dag_run.run_after.strftime("%Y-%m-%d")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["counts"]["success"] == 2
+    assert len(_manifest(folder / "images")) == 4
