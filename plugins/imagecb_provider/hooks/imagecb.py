@@ -219,10 +219,7 @@ class ImageCbHook(HttpHook):
         must never see the key. A refused or expired link raises :class:`ImageCbLinkExpired` at
         once (ask for a fresh link instead); network errors and 5xx are retried.
         """
-        for attempt in self.retry_policy.retrying(RETRYABLE_ERRORS):
-            with attempt:
-                return self._fetch_once(url, max_bytes)
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+        return self.retry_policy.retrying(RETRYABLE_ERRORS)(self._fetch_once, url, max_bytes)
 
     def _fetch_once(self, url: str, max_bytes: int) -> tuple[bytes, str]:
         shown = _without_query(url)
@@ -260,10 +257,8 @@ class ImageCbHook(HttpHook):
         idempotent: bool = True,
         policy: RetryPolicy | None = None,
     ) -> Any:
-        for attempt in (policy or self.retry_policy).retrying(RETRYABLE_ERRORS):
-            with attempt:
-                return self._request_once(method, endpoint, params, json, idempotent)
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+        retrying = (policy or self.retry_policy).retrying(RETRYABLE_ERRORS)
+        return retrying(self._request_once, method, endpoint, params, json, idempotent)
 
     def _request_once(
         self, method: str, endpoint: str, params: dict | None, json: dict | None, idempotent: bool
@@ -325,9 +320,8 @@ class ImageCbAsyncHook(HttpAsyncHook):
 
     async def get_task(self, task_id: str) -> TaskRecord:
         """The task's current record; transient errors are retried without blocking the loop."""
-        async for attempt in self.retry_policy.async_retrying(RETRYABLE_ERRORS):
-            with attempt:
-                data = await self._request_once("GET", RECORD_INFO_PATH, params={"taskId": task_id})
+        retrying = self.retry_policy.async_retrying(RETRYABLE_ERRORS)
+        data = await retrying(self._request_once, "GET", RECORD_INFO_PATH, params={"taskId": task_id})
         return TaskRecord.from_record_info(data)
 
     async def _request_once(self, method: str, endpoint: str, params: dict | None = None) -> Any:

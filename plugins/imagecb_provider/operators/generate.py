@@ -19,9 +19,9 @@ from airflow.sdk import BaseOperator
 
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
-from imagecb_provider.models import GenerationRequest, Outcome, build_result
+from imagecb_provider.models import GenerationRequest, Outcome
 from imagecb_provider.operators.waiting import ImageTaskWaitMixin, check_failure_mode, check_positive
-from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL
+from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL, EVENT_DONE, task_event
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -234,16 +234,10 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
                 "Image task %s, submitted by an earlier try, already succeeded: no new submission",
                 remote_task_id,
             )
-            result = build_result(
-                remote_task_id=remote_task_id,
-                outcome=record.outcome,
-                record=record,
-                request=submission["request"],
-                submitted_at=submission["submitted_at"],
-                polls=submission["polls"],
-                via="poll",
+            event = task_event(
+                EVENT_DONE, remote_task_id=remote_task_id, polls=0, record=record, submission=submission
             )
-            return self.settle(context, result)
+            return self.execute_complete(context, event)
         self.log.warning(
             "Image task %s from an earlier try ended with %s: submitting a new one",
             remote_task_id,

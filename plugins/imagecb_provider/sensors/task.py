@@ -17,9 +17,8 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
-from imagecb_provider.models import build_result
 from imagecb_provider.operators.waiting import ImageTaskWaitMixin, check_failure_mode, check_positive
-from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL
+from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL, EVENT_DONE, task_event
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -85,17 +84,14 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
         )
         if not record.is_terminal:
             return False
-        submission = self._submission(record.params)
-        result = build_result(
+        event = task_event(
+            EVENT_DONE,
             remote_task_id=self.remote_task_id,
-            outcome=record.outcome,
-            record=record,
-            request=submission["request"],
-            submitted_at=record.created_at,
             polls=self._polls,
-            via="poll",
+            record=record,
+            submission=self._submission(),
         )
-        return PokeReturnValue(is_done=True, xcom_value=self.settle(context, result))
+        return PokeReturnValue(is_done=True, xcom_value=self.execute_complete(context, event))
 
     def _submission(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """What the result needs about the submission; the sensor only knows what the record tells."""

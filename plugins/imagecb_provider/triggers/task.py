@@ -31,6 +31,27 @@ EVENT_TIMEOUT = "timeout"
 EVENT_ERROR = "error"
 
 
+def task_event(
+    status: str,
+    *,
+    remote_task_id: str,
+    polls: int,
+    record: TaskRecord | None = None,
+    submission: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """
+    The payload of the one event a wait ends with; also built directly by an operator that finds
+    the task already ended, so every ending goes through the same ``execute_complete``.
+    """
+    return {
+        "status": status,
+        "polls": polls,
+        "remote_task_id": remote_task_id,
+        "record": record.to_dict() if record else None,
+        "submission": submission or {},
+    }
+
+
 class ImageTaskTrigger(BaseTrigger):
     """
     Poll a remote task every ``poll_interval`` seconds (± ``jitter``) until it ends or ``deadline``.
@@ -135,13 +156,9 @@ class ImageTaskTrigger(BaseTrigger):
                 return
 
     def _event(self, status: str, polls: int, record: TaskRecord | None = None) -> dict[str, Any]:
-        return {
-            "status": status,
-            "polls": polls,
-            "remote_task_id": self.remote_task_id,
-            "record": record.to_dict() if record else None,
-            "submission": self.submission,
-        }
+        return task_event(
+            status, remote_task_id=self.remote_task_id, polls=polls, record=record, submission=self.submission
+        )
 
     def _error_event(self, error: ImageCbError, polls: int) -> dict[str, Any]:
         event = {**self._event(EVENT_ERROR, polls), "message": str(error), "error_type": type(error).__name__}
