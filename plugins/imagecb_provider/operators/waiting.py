@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from imagecb_provider.exceptions import OUTCOME_ERRORS, ImageCbError
 from imagecb_provider.hooks.protocol import error_for
-from imagecb_provider.models import Outcome, TaskRecord, build_result
+from imagecb_provider.models import Outcome, TaskRecord, build_result, parse_timestamp
 from imagecb_provider.triggers.task import EVENT_DONE, EVENT_ERROR, ImageTaskTrigger
 
 if TYPE_CHECKING:
@@ -114,10 +114,13 @@ class ImageTaskWaitMixin:
 
     def settle(self, context: Context, result: dict[str, Any]) -> dict[str, Any]:
         """Log the outcome, then return the result or raise the outcome's error."""
+        submitted = parse_timestamp(result["submitted_at"])
+        ended = parse_timestamp(result["completed_at"]) or datetime.now(UTC)
         self.log.info(  # type: ignore[attr-defined]
-            "Image task %s ended: %s after %d status calls (submitted %s, completed %s)%s",
+            "Image task %s ended: %s after %s and %d status calls (submitted %s, completed %s)%s",
             result["task_id"],
             result["outcome"],
+            f"{(ended - submitted).total_seconds():.0f} s" if submitted else "an unknown time",
             result["polls"],
             result["submitted_at"],
             result["completed_at"],
