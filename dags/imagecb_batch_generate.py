@@ -95,21 +95,7 @@ def imagecb_batch_generate():
         for entry in manifest.read():
             kept.setdefault(entry.get("request_key"), []).append(entry)
         to_generate = [item for item in batch.requests if item["key"] not in kept]
-        reused = [
-            {
-                "line": item["line"],
-                "prompt": item["request"]["prompt"],
-                "outcome": "success",
-                "first_outcome": "success",
-                "resubmitted": False,
-                "task_id": kept[item["key"]][0]["remote_task_id"],
-                "reason": None,
-                "seconds": None,
-                "files": kept[item["key"]],
-            }
-            for item in batch.requests
-            if item["key"] in kept
-        ]
+        reused = [{**item, "files": kept[item["key"]]} for item in batch.requests if item["key"] in kept]
         print(
             f"{len(batch.requests)} valid prompts ({len(reused)} already archived in {run_folder}), "
             f"{len(batch.rejected)} rejected rows"

@@ -49,13 +49,19 @@ def _entry(
     }
 
 
+def _reused_entry(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A prompt whose image an earlier run of the same day already archived (``files`` from the manifest)."""
+    kept = {"outcome": Outcome.SUCCESS.value, "task_id": item["files"][0]["remote_task_id"]}
+    return {**_entry(item, kept, None, list(item["files"])), "reused": True}
+
+
 def build_summary(
     *,
     run_id: str,
     prompts_path: str,
     requests: list[Mapping[str, Any]],
     rejected: list[Mapping[str, Any]],
-    reused: list[Mapping[str, Any]],
+    reused: list[Mapping[str, Any]],  # batch items with the ``files`` the manifest already lists
     generated: Iterable[Mapping[str, Any] | None],
     resubmitted: Iterable[Mapping[str, Any] | None],
     archived: Iterable[Mapping[str, Any] | None],
@@ -74,7 +80,7 @@ def build_summary(
         _entry(item, first.get(item["key"]), second.get(item["key"]), files.get(item["key"], []))
         for item in requests
     ]
-    images += [{**dict(entry), "reused": True} for entry in reused]
+    images += [_reused_entry(item) for item in reused]
     images.sort(key=lambda image: image["line"])
     counts = Counter(image["outcome"] for image in images)
     durations = [image["seconds"] for image in images if image["seconds"] is not None and not image["reused"]]

@@ -30,19 +30,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: ``task_state_store`` key; renaming it would orphan the remote tasks of in-flight retries.
 STATE_KEY = "imagecb_submission"
 
-_REQUEST_ARGS = (
-    "prompt",
-    "enable_translation",
-    "upload_cn",
-    "input_image",
-    "aspect_ratio",
-    "output_format",
-    "prompt_upsampling",
-    "model",
-    "callback_url",
-    "safety_tolerance",
-    "watermark",
-)
+#: Every request field is an operator argument of the same name.
+_REQUEST_ARGS = GenerationRequest.field_names()
 
 
 class SubmissionLedger:
