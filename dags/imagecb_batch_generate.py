@@ -43,7 +43,7 @@ ROUTES = {
 
 
 def _folder(url: str):
-    from imagecb_provider.hooks.archive import storage_path
+    from imagecb_provider.batch.archive import storage_path
 
     return storage_path(url)
 
@@ -80,9 +80,9 @@ def imagecb_batch_generate():
         Returns the requests to generate (what the group maps over); the rest of the batch (all
         rows, rejected ones, reused images, credits before) goes to the report as XCom ``batch``.
         """
-        from imagecb_provider.hooks.archive import JsonlLedger
+        from imagecb_provider.batch.archive import JsonlLedger
+        from imagecb_provider.batch.prompts import parse_prompt_file
         from imagecb_provider.hooks.imagecb import ImageCbHook
-        from imagecb_provider.prompts import parse_prompt_file
 
         path = params["prompts_path"]
         batch = parse_prompt_file(
@@ -117,7 +117,7 @@ def imagecb_batch_generate():
     @task
     def quarantine(result: dict, run_folder: str) -> dict:
         """Set the prompt aside with its reason; the manifest-like ledger never takes it twice."""
-        from imagecb_provider.hooks.archive import JsonlLedger
+        from imagecb_provider.batch.archive import JsonlLedger
 
         entry = {
             key: result.get(key) for key in ("task_id", "prompt", "outcome", "code", "message", "request")
@@ -150,8 +150,8 @@ def imagecb_batch_generate():
         """Write summary.json and the HTML contact sheet for the whole batch."""
         import json
 
+        from imagecb_provider.batch.report import build_summary, render_contact_sheet
         from imagecb_provider.hooks.imagecb import ImageCbHook
-        from imagecb_provider.report import build_summary, render_contact_sheet
 
         context = get_current_context()
         ti, dag_run = context["ti"], context["dag_run"]

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from imagecb_provider.hooks.archive import MANIFEST_NAME, ArchivedFile, ArchiveStore, storage_path
+from imagecb_provider.batch.archive import MANIFEST_NAME, ArchivedFile, ArchiveStore, storage_path
+from imagecb_provider.batch.prompts import request_key
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.models import Outcome
-from imagecb_provider.prompts import request_key
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

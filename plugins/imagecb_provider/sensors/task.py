@@ -17,8 +17,8 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
-from imagecb_provider.operators.waiting import ImageTaskWaitMixin, check_failure_mode, check_positive
 from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL, EVENT_DONE, task_event
+from imagecb_provider.utils.waiting import ImageTaskWaitMixin, check_failure_mode, check_positive
 
 if TYPE_CHECKING:
     from airflow.sdk import Context

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from imagecb_provider.batch.prompts import request_key
 from imagecb_provider.models import Outcome, parse_timestamp
-from imagecb_provider.prompts import request_key
 
 
 def _by_key(results: Iterable[Mapping[str, Any] | None]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""What serves batch DAGs rather than the API: prompt files, the archive store, the report."""

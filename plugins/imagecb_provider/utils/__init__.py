@@ -1,0 +1,1 @@
+"""Logic the operators, sensors and triggers share: the submission ledger, waiting, pacing."""
