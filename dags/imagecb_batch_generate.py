@@ -1,45 +1,49 @@
 """
-The nightly image batch: one image per prompt in a file, failures routed by their code, every
-image archived, one report for the whole batch.
+The image batch: one image per prompt in a file, generated in groups, every image archived,
+every prompt without an image quarantined with its reason, one report for the whole batch.
 
-Per prompt (a mapped task group ``image``):
-    generate ─▶ route ─┬─▶ archive                         (success)
-                       ├─▶ quarantine                      (content policy, timeout: prompt and reason)
-                       └─▶ resubmit ─▶ archive_resubmit    (internal error, generation failed: one more try)
-Then ``report`` writes ``summary.json`` and ``report.html`` into ``<archive_root>/<date>/``.
+Per group of prompts (a mapped task group ``image``, labelled by the prompts' lines):
 
-Safe to rerun: the run folder is keyed by the logical date, a prompt whose image is already in
-that folder's manifest is not generated again, a cleared task reconnects to or replaces only its
-own image, and manifests never take a line twice. Nothing is read or sent at parse time.
+    generate ─┬─▶ archive   the successes: downloaded, verified, described in manifest.jsonl
+              └─▶ settle    the prompts left without an image (content policy, timeout, failed
+                            again after their one resubmission): quarantined; the task fails, so
+                            the grid shows red where a prompt was lost
+
+``generate`` submits the group's prompts (paced under the account's rate limit, in the
+``imagecb_submissions`` pool) and waits for all of them in the triggerer; an internal error or a
+failed generation is resubmitted once. Then ``report`` writes ``summary.json`` and the contact
+sheet ``report.html``, and fails the run when a prompt was lost (param ``fail_run_on_lost``) or
+the batch could not start.
+
+Safe to rerun: images live in ``<archive_root>/<day>/images`` and a prompt whose image that
+folder already keeps is not generated again; clearing a group reruns only its prompts that did not
+succeed; manifests never take a line twice; each run writes its report in its own folder.
+Nothing is read or sent at parse time. The schedule is off unless ``IMAGECB_BATCH_SCHEDULE``
+(a cron expression or preset) is set in the environment of the DAG processor.
 """
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task, task_group
 
 from imagecb_provider.operators.archive import ImageArchiveOperator
-from imagecb_provider.operators.branch import ImageOutcomeBranchOperator
-from imagecb_provider.operators.generate import ImageGenerateOperator
+from imagecb_provider.operators.generate import ImageBatchGenerateOperator
+from imagecb_provider.utils.pacing import SUBMISSION_POOL
 
-DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "include" / "prompts" / "demo.csv")
-# The run's folder is keyed by its day: the logical date, or for a manual run without one (the
-# Airflow 3 default), the day it was triggered for. Tasks get it rendered, so the rule lives here only.
+PROJECT = Path(__file__).resolve().parents[1]
+DEMO_PROMPTS = str(PROJECT / "include" / "prompts" / "demo.csv")
+DEFAULT_ARCHIVE = str(PROJECT / "archive")
+# Images are kept per day (a rerun that day reuses them), reports per run. The day is the logical
+# date, or for a manual run without one (the Airflow 3 default), the day it was triggered for.
 RUN_DAY = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
-RUN_FOLDER = "{{ params.archive_root.rstrip('/') }}/" + RUN_DAY
-IMAGES = f"{RUN_FOLDER}/images"
+DAY_FOLDER = "{{ params.archive_root.rstrip('/') }}/" + RUN_DAY
 CONN_ID = "{{ params.imagecb_conn_id }}"
 BATCH_XCOM = "batch"
-
-ROUTES = {
-    "success": "image.archive",
-    "content_policy": "image.quarantine",
-    "timeout": "image.quarantine",
-    "internal_error": "image.resubmit",
-    "generation_failed": "image.resubmit",
-}
+LABEL = "{{ task.group_label }}"
 
 
 def _folder(url: str):
@@ -50,9 +54,9 @@ def _folder(url: str):
 
 @dag(
     dag_id="imagecb_batch_generate",
-    description="Generate one image per prompt, route failures by code, archive everything, report",
+    description="Generate one image per prompt in groups, archive the images, quarantine the rest, report",
     doc_md=__doc__,
-    schedule="@daily",
+    schedule=os.environ.get("IMAGECB_BATCH_SCHEDULE") or None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -62,9 +66,35 @@ def _folder(url: str):
         "prompts_path": Param(
             DEMO_PROMPTS, type="string", description="CSV (prompt column) or JSONL of prompts"
         ),
-        "archive_root": Param("/tmp/imagecb-archive", type="string", description="Folder or URL (s3://…)"),
-        "poll_interval": Param(30, type="number", minimum=0.1, description="Seconds between status calls"),
+        "archive_root": Param(
+            DEFAULT_ARCHIVE, type="string", description="Folder or URL (s3://…) where images and reports go"
+        ),
+        "wait_mode": Param(
+            "poll",
+            enum=["poll", "callback"],
+            description="poll: a status call every poll_interval; callback: woken by the vendor's "
+            "callback (needs the connection extra callback_base_url), polling only as a safety net",
+        ),
+        "poll_interval": Param(
+            30,
+            type="number",
+            minimum=0.1,
+            description="Seconds between status calls of an image (in callback mode, the safety net: "
+            "300 is a good value)",
+        ),
         "timeout": Param(1800, type="number", minimum=1, description="Seconds one image may take"),
+        "chunk_size": Param(
+            25,
+            type="integer",
+            minimum=1,
+            description="Prompts per group (one mapped instance each); 1 gives one instance per "
+            "prompt. Raised automatically when the file would need more groups than Airflow maps",
+        ),
+        "fail_run_on_lost": Param(
+            True,
+            type="boolean",
+            description="Fail the run when a prompt ends without an image (the report is still written)",
+        ),
         "model": Param("flux-kontext-pro", enum=["flux-kontext-pro", "flux-kontext-max"]),
         "aspect_ratio": Param("16:9", enum=["21:9", "16:9", "4:3", "1:1", "3:4", "9:16"]),
         "imagecb_conn_id": Param("imagecb_default", type="string"),
@@ -73,15 +103,17 @@ def _folder(url: str):
 )
 def imagecb_batch_generate():
     @task
-    def read_prompts(run_folder: str, params: dict) -> list[dict]:
+    def read_prompts(day_folder: str, params: dict) -> list[dict]:
         """
-        Validate every row before anything is sent; reuse images this date's run already kept.
+        Validate every row before anything is sent; reuse images this day's runs already kept.
 
-        Returns the requests to generate (what the group maps over); the rest of the batch (all
-        rows, rejected ones, reused images, credits before) goes to the report as XCom ``batch``.
+        Returns the groups to generate (what ``image`` maps over); the rest of the batch (rejected
+        rows, reused images, credits before) goes to the report as XCom ``batch``.
         """
+        from airflow.configuration import conf
+
         from imagecb_provider.batch.archive import JsonlLedger
-        from imagecb_provider.batch.prompts import parse_prompt_file
+        from imagecb_provider.batch.prompts import group_requests, parse_prompt_file
         from imagecb_provider.hooks.imagecb import ImageCbHook
 
         path = params["prompts_path"]
@@ -90,21 +122,22 @@ def imagecb_batch_generate():
             path,
             defaults={"model": params["model"], "aspect_ratio": params["aspect_ratio"]},
         )
-        manifest = JsonlLedger(_folder(run_folder) / "images" / "manifest.jsonl", ())
-        kept = {}
-        for entry in manifest.read():
+        kept: dict[str, list[dict]] = {}
+        for entry in JsonlLedger(_folder(day_folder) / "images" / "manifest.jsonl", ()).current():
             kept.setdefault(entry.get("request_key"), []).append(entry)
         to_generate = [item for item in batch.requests if item["key"] not in kept]
         reused = [{**item, "files": kept[item["key"]]} for item in batch.requests if item["key"] in kept]
+        groups = group_requests(to_generate, params["chunk_size"], conf.getint("core", "max_map_length"))
         print(
-            f"{len(batch.requests)} valid prompts ({len(reused)} already archived in {run_folder}), "
-            f"{len(batch.rejected)} rejected rows"
+            f"{len(batch.requests)} valid prompts ({len(reused)} already archived in {day_folder}), "
+            f"{len(batch.rejected)} rejected rows; {len(to_generate)} to generate in {len(groups)} group(s)"
         )
         for row in batch.rejected:
             print(f"  rejected line {row['line']}: {row['error']}")
         get_current_context()["ti"].xcom_push(
             key=BATCH_XCOM,
             value={
+                "groups": [{"label": g["label"], "lines": g["lines"]} for g in groups],
                 "items": to_generate,
                 "rejected": batch.rejected,
                 "reused": reused,
@@ -112,77 +145,78 @@ def imagecb_batch_generate():
                 "started_at": datetime.now(UTC).isoformat(),
             },
         )
-        return [item["request"] for item in to_generate]
+        return [{"requests": g["requests"], "label": g["label"]} for g in groups]
 
-    @task
-    def quarantine(result: dict, run_folder: str) -> dict:
-        """Set the prompt aside with its reason; the manifest-like ledger never takes it twice."""
+    @task(map_index_template="{{ imagecb_label }}")
+    def settle(results: list[dict] | None, label: str, day_folder: str) -> dict:
+        """Quarantine the prompts left without an image, with their reason; fail if there are any."""
+        from airflow.sdk.exceptions import AirflowFailException
+
         from imagecb_provider.batch.archive import JsonlLedger
+        from imagecb_provider.batch.report import lost_entry
 
-        entry = {
-            key: result.get(key) for key in ("task_id", "prompt", "outcome", "code", "message", "request")
-        }
-        ledger = JsonlLedger(_folder(run_folder) / "quarantine.jsonl", ("task_id",))
-        ledger.add([entry])
-        print(f"Quarantined {result.get('prompt')!r}: {result.get('outcome')} ({result.get('message')})")
-        return entry
+        get_current_context()["imagecb_label"] = label
+        lost = [lost_entry(r) for r in results or () if r and r.get("outcome") != "success"]
+        JsonlLedger(_folder(day_folder) / "quarantine.jsonl", ("request_key", "task_id")).add(lost)
+        for entry in lost:
+            print(f"Quarantined {entry['prompt']!r}: {entry['outcome']} ({entry['message']})")
+        if lost:
+            raise AirflowFailException(
+                f"{len(lost)} of {len(results or ())} prompt(s) of {label} ended without an image: "
+                + "; ".join(f"{e['prompt'][:60]!r}: {e['outcome']}" for e in lost)
+            )
+        return {"label": label, "images": len(results or ()), "lost": 0}
 
     @task_group(group_id="image")
-    def image(request: dict):
-        # The first try and the one resubmission are the same request, waited for the same way.
-        wait = {
-            "failure_mode": "return",
-            "poll_interval": "{{ params.poll_interval }}",
-            "timeout": "{{ params.timeout }}",
-            "imagecb_conn_id": CONN_ID,
-        }
-        keep = {"destination": IMAGES, "imagecb_conn_id": CONN_ID}
-        generate = ImageGenerateOperator(task_id="generate", request=request, **wait)
-        route = ImageOutcomeBranchOperator(task_id="route", result=generate.output, branches=ROUTES)
-        archive = ImageArchiveOperator(task_id="archive", results=generate.output, **keep)
-        resubmit = ImageGenerateOperator(task_id="resubmit", request=request, **wait)
-        archive_resubmit = ImageArchiveOperator(task_id="archive_resubmit", results=resubmit.output, **keep)
-        generate >> route >> [archive, quarantine(generate.output, run_folder=RUN_FOLDER), resubmit]
-        resubmit >> archive_resubmit
+    def image(requests: list[dict], label: str):
+        generate = ImageBatchGenerateOperator(
+            task_id="generate",
+            requests=requests,
+            group_label=label,
+            map_index_template=LABEL,
+            pool=os.environ.get("IMAGECB_SUBMISSION_POOL", SUBMISSION_POOL),
+            failure_mode="return",
+            resubmit_outcomes=["internal_error", "generation_failed"],
+            wait_mode="{{ params.wait_mode }}",
+            poll_interval="{{ params.poll_interval }}",
+            timeout="{{ params.timeout }}",
+            imagecb_conn_id=CONN_ID,
+        )
+        ImageArchiveOperator(
+            task_id="archive",
+            results=generate.output,
+            group_label=label,
+            map_index_template=LABEL,
+            destination=f"{DAY_FOLDER}/images",
+            imagecb_conn_id=CONN_ID,
+        )
+        settle(generate.output, label=label, day_folder=DAY_FOLDER)
 
     @task(trigger_rule="all_done")
-    def report(run_folder: str, params: dict) -> dict:
-        """Write summary.json and the HTML contact sheet for the whole batch."""
-        import json
+    def report(day_folder: str, params: dict) -> dict:
+        """Write summary.json and the contact sheet; fail the run if the batch lost prompts or never ran."""
+        from airflow.configuration import conf
 
-        from imagecb_provider.batch.report import build_summary, render_contact_sheet
+        from imagecb_provider.batch.report import write_report
         from imagecb_provider.hooks.imagecb import ImageCbHook
 
         context = get_current_context()
         ti, dag_run = context["ti"], context["dag_run"]
-        batch = ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM)
-        run_folder = _folder(run_folder)
-
-        def pulled(task_id: str) -> list:
-            # A list of task ids gives every map index's value, as a list even when only one exists.
-            return list(ti.xcom_pull(task_ids=[task_id]) or [])
-
-        summary = build_summary(
+        written = write_report(
+            folder=_folder(day_folder),
+            batch=ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM),
+            generated=ti.xcom_pull(task_ids=["image.generate"]) or [],
+            archived=ti.xcom_pull(task_ids=["image.archive"]) or [],
+            dag_id=dag_run.dag_id,
             run_id=dag_run.run_id,
             prompts_path=params["prompts_path"],
-            requests=batch["items"],
-            rejected=batch["rejected"],
-            reused=batch["reused"],
-            generated=pulled("image.generate"),
-            resubmitted=pulled("image.resubmit"),
-            archived=pulled("image.archive") + pulled("image.archive_resubmit"),
-            credits_before=batch["credits_before"],
             credits_after=ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
-            started_at=datetime.fromisoformat(batch["started_at"]),
-            finished_at=datetime.now(UTC),
+            ui_url=conf.get("api", "base_url", fallback=""),
+            fail_on_lost=params["fail_run_on_lost"],
         )
-        run_folder.mkdir(parents=True, exist_ok=True)
-        (run_folder / "summary.json").write_text(json.dumps(summary, indent=2))
-        (run_folder / "report.html").write_text(render_contact_sheet(summary, str(run_folder)))
-        print(f"Summary: {json.dumps(summary['counts'])}; report: {run_folder / 'report.html'}")
-        return {"summary": str(run_folder / "summary.json"), "report": str(run_folder / "report.html")}
+        return written
 
-    image.expand(request=read_prompts(run_folder=RUN_FOLDER)) >> report(run_folder=RUN_FOLDER)
+    image.expand_kwargs(read_prompts(day_folder=DAY_FOLDER)) >> report(day_folder=DAY_FOLDER)
 
 
 imagecb_batch_generate()

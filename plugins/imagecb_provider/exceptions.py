@@ -177,8 +177,20 @@ class ImageTaskTimeout(ImageTaskFailed):
     outcome = "timeout"
 
 
+class ImageSubmissionUncertain(ImageTaskFailed, ImageCbSubmissionUncertain):
+    """A submission whose answer was lost, settled as an outcome: fails at once, never resent."""
+
+    outcome = "submission_uncertain"
+
+
 #: Outcome name -> the error an operator raises for it with ``failure_mode="raise"``.
 OUTCOME_ERRORS: dict[str, type[ImageTaskFailed]] = {
     cls.outcome: cls
-    for cls in (ImageContentPolicyViolation, ImageInternalError, ImageGenerationFailed, ImageTaskTimeout)
+    for cls in (
+        ImageContentPolicyViolation,
+        ImageInternalError,
+        ImageGenerationFailed,
+        ImageTaskTimeout,
+        ImageSubmissionUncertain,
+    )
 }

@@ -24,6 +24,8 @@ class GeneratedImageLink(BaseOperatorLink):
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         result = XCom.get_value(ti_key=ti_key, key="return_value")
+        if isinstance(result, list) and len(result) == 1:
+            result = result[0]
         if isinstance(result, dict):
             return result.get("result_image_url") or ""
         return ""

@@ -11,6 +11,7 @@ outcome mapping.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -42,6 +43,9 @@ class Outcome(StrEnum):
     INTERNAL_ERROR = "internal_error"
     GENERATION_FAILED = "generation_failed"
     TIMEOUT = "timeout"
+    #: The submission was sent but its answer was lost: it may exist and be charged, so it is
+    #: never resent automatically (the API has no idempotency key).
+    SUBMISSION_UNCERTAIN = "submission_uncertain"
 
 
 class TaskState(StrEnum):
@@ -237,6 +241,12 @@ _CAMEL_CASE = {
     "safety_tolerance": "safetyTolerance",
     "watermark": "watermark",
 }
+
+
+def request_key(payload: Mapping[str, Any]) -> str:
+    """A stable fingerprint of a request payload (what was asked), callback URL excluded."""
+    canonical = json.dumps({k: v for k, v in payload.items() if k != "callBackUrl"}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- timestamps
@@ -439,4 +449,6 @@ _DEFAULT_MESSAGES = {
     Outcome.INTERNAL_ERROR: "Internal error on the API side",
     Outcome.GENERATION_FAILED: "The generation failed",
     Outcome.TIMEOUT: "Still generating at the deadline",
+    Outcome.SUBMISSION_UNCERTAIN: "The submission was sent but its answer was lost; it may have been "
+    "charged, so it was not resent: check the account, then clear the task to submit again",
 }

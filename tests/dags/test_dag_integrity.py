@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,19 +36,36 @@ def test_dags_have_owners_tags_and_retries(dag_bag):
             assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
 
 
-def test_batch_dag_is_daily_without_catchup_and_takes_its_params_from_the_run(dag_bag):
+def test_batch_dag_is_unscheduled_without_catchup_and_takes_its_params_from_the_run(dag_bag):
+    """Unpausing it never starts a run over the demo prompts: no schedule unless one is configured."""
     dag = dag_bag.dags["imagecb_batch_generate"]
     assert dag.catchup is False
     assert dag.max_active_runs == 1
     assert {
         "prompts_path",
         "archive_root",
+        "wait_mode",
         "poll_interval",
+        "timeout",
+        "chunk_size",
+        "fail_run_on_lost",
         "model",
         "aspect_ratio",
         "imagecb_conn_id",
     } <= set(dag.params)
-    assert dag.timetable.expression in ("@daily", "0 0 * * *")
+    assert type(dag.timetable).__name__ == "NullTimetable"
+    assert all(dag.params.get_param(name).description for name in ("archive_root", "chunk_size", "wait_mode"))
+
+
+def test_a_schedule_comes_only_from_the_environment(tmp_path):
+    probe = (
+        "from airflow.dag_processing.dagbag import DagBag; import sys; "
+        f"bag = DagBag(dag_folder={str(ROOT / 'dags' / 'imagecb_batch_generate.py')!r}); "
+        "print(bag.dags['imagecb_batch_generate'].timetable.expression)"
+    )
+    env = {**os.environ, "IMAGECB_BATCH_SCHEDULE": "@daily"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] in ("@daily", "0 0 * * *")
 
 
 PARSE_PROBE = r"""

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import pytest
 from airflow.sdk import DAG, task
 
-from imagecb_provider.operators.generate import ImageGenerateOperator
+from imagecb_provider.operators.generate import ImageBatchGenerateOperator, ImageGenerateOperator
 from imagecb_provider.sensors.task import ImageTaskSensor
 
 pytestmark = pytest.mark.airflow
@@ -93,10 +93,10 @@ def test_return_mode_lets_a_failed_outcome_flow_downstream(run_dag, imagecb_simu
 class CrashAfterSubmitOperator(ImageGenerateOperator):
     """Dies on its first try right after the submission was stored, as a killed worker would."""
 
-    def wait_for_remote_task(self, context, submission, **kwargs):
+    def wait_for_remote_tasks(self, context, remote_task_ids, **kwargs):
         if context["ti"].try_number == 1:
             raise RuntimeError("worker lost right after submitting")
-        return super().wait_for_remote_task(context, submission, **kwargs)
+        return super().wait_for_remote_tasks(context, remote_task_ids, **kwargs)
 
 
 def test_retry_after_a_crash_reconnects_without_a_second_submission(run_dag, imagecb_simulator):
@@ -111,6 +111,84 @@ def test_retry_after_a_crash_reconnects_without_a_second_submission(run_dag, ima
     result = _result(dag_run, "generate")
     assert result["task_id"] == next(iter(stats["tasks"]))
     assert result["outcome"] == "success"
+
+
+class StaleDeferExitRace(ImageGenerateOperator):
+    """
+    Airflow 3.3's stale defer-exit race (apache/airflow#72716, #71580), made deterministic: try 1's
+    trigger event is delivered, then the task instance fails before ``execute_complete`` runs.
+    """
+
+    def execute_complete(self, context, event):
+        if context["ti"].try_number == 1:
+            raise RuntimeError("the scheduler failed the resuming task before execute_complete ran")
+        return super().execute_complete(context, event)
+
+
+@pytest.mark.parametrize(
+    ("marker", "retries", "state", "tries", "submissions"),
+    [
+        ("", 1, "success", 2, 1),  # the retry returns the image of try 1
+        ("[sim:content_policy]", 2, "failed", 2, 1),  # the retry raises it: no retry after that
+        ("[sim:generation_failed]", 1, "failed", 2, 1),  # the retry raises it, no retry left
+        ("[sim:internal_error]", 1, "failed", 2, 1),
+        ("[sim:flaky]", 2, "success", 3, 2),  # try 2 raises the delivered failure; try 3 submits anew
+    ],
+)
+def test_a_retry_after_the_stale_defer_exit_race_settles_without_paying_again(
+    run_dag, imagecb_simulator, marker, retries, state, tries, submissions
+):
+    prompt = f"a heron {marker}".strip()
+    with _dag("gen_race") as dag:
+        StaleDeferExitRace(task_id="generate", prompt=prompt, retries=retries, **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.state, ti.try_number) == (state, state, tries)
+    assert imagecb_simulator.stats()["submissions"] == {prompt: submissions}
+
+
+def test_a_retry_after_the_race_on_a_timeout_reconnects_to_the_same_task(run_dag, imagecb_simulator):
+    prompt = "a crane [sim:latency=1.5]"
+    with _dag("gen_race_timeout") as dag:
+        StaleDeferExitRace(task_id="generate", prompt=prompt, retries=4, timeout=0.5, **FAST)
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.state) == ("success", "success")
+    assert ti.try_number >= 2
+    stats = imagecb_simulator.stats()
+    assert stats["submissions"] == {prompt: 1}
+    assert _result(dag_run, "generate")["task_id"] == next(iter(stats["tasks"]))
+
+
+class BatchRace(ImageBatchGenerateOperator):
+    """The same race for a batch, after its in-task resubmission."""
+
+    def execute_complete(self, context, event):
+        if context["ti"].try_number == 1 and any(s.get("resubmits") for s in event["echo"]["slots"]):
+            raise RuntimeError("the scheduler failed the resuming task before execute_complete ran")
+        return super().execute_complete(context, event)
+
+
+def test_a_batch_retry_after_the_race_reconnects_to_every_task_and_its_resubmission(
+    run_dag, imagecb_simulator
+):
+    prompts = ["a gull", "a tern [sim:flaky]", "a skua [sim:content_policy]"]
+    with _dag("gen_batch_race") as dag:
+        BatchRace(
+            task_id="generate",
+            requests=[{"prompt": p} for p in prompts],
+            retries=1,
+            failure_mode="return",
+            resubmit_outcomes=["internal_error"],
+            **FAST,
+        )
+    dag_run = run_dag(dag)
+    ti = _tis(dag_run)["generate"]
+    assert (dag_run.state, ti.try_number) == ("success", 2)
+    results = _result(dag_run, "generate")
+    assert [r["outcome"] for r in results] == ["success", "success", "content_policy"]
+    assert results[1]["earlier"][0]["outcome"] == "internal_error"
+    assert imagecb_simulator.stats()["submissions"] == {"a gull": 1, "a tern [sim:flaky]": 2, prompts[2]: 1}
 
 
 def test_timeout_is_retried_and_the_retry_reconnects_to_the_same_task(run_dag, imagecb_simulator):

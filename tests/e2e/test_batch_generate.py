@@ -1,6 +1,6 @@
 """
 The main job end to end: ``imagecb_batch_generate`` on the demo prompts, in real Airflow
-(``dag.test()``) against the simulator.
+(``dag.test()``) against the simulator. The same DAG on the real stack is in tests/stack/.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 LOGICAL_DATE = datetime(2026, 3, 1, tzinfo=UTC)
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.timeout(300)]
 
 # What the markers in include/prompts/demo.csv choose, after the one resubmission.
 EXPECTED_COUNTS = {
@@ -26,9 +26,11 @@ EXPECTED_COUNTS = {
     "content_policy": 1,
     "internal_error": 1,  # [sim:internal_error] fails again when resubmitted
     "generation_failed": 1,
-    "timeout": 1,  # [sim:never] with a short timeout
+    "timeout": 1,  # [sim:latency=120] with a short timeout
+    "submission_uncertain": 0,
 }
 EXPECTED_REJECTED = 3  # an empty prompt, an aspect ratio of 2:1, a duplicate row
+LOST = {"content_policy", "internal_error", "generation_failed", "timeout"}
 
 
 @pytest.fixture(scope="module")
@@ -40,94 +42,140 @@ def batch_dag():
     return bag.dags["imagecb_batch_generate"]
 
 
-def _run(run_dag, dag, archive_root: Path):
-    conf = {"archive_root": str(archive_root), "poll_interval": 0.2, "timeout": 1.5}
+def _run(run_dag, dag, archive_root: Path, **conf):
+    conf = {"archive_root": str(archive_root), "poll_interval": 0.2, "timeout": 1.5, **conf}
     return run_dag(dag, logical_date=LOGICAL_DATE, run_conf=conf)
 
 
-def _manifest(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _summary(day: Path, dag_run) -> dict:
+    from imagecb_provider.batch.report import run_folder_name
+
+    return json.loads((day / "runs" / run_folder_name(dag_run.run_id) / "summary.json").read_text())
 
 
 def test_the_demo_batch_end_to_end_and_again(run_dag, batch_dag, imagecb_simulator, tmp_path):
-    dag_run = _run(run_dag, batch_dag, tmp_path)
-    assert dag_run.state == "success"
-    run_folder = tmp_path / "2026-03-01"
-    summary = json.loads((run_folder / "summary.json").read_text())
+    dag_run = _run(run_dag, batch_dag, tmp_path, chunk_size=4)
+    day = tmp_path / "2026-03-01"
+    summary = _summary(day, dag_run)
 
-    # counts match what the markers chose, keyed by the outcome names of DESIGN.md
+    # the run fails because prompts were lost (fail_run_on_lost defaults to true), yet reports
+    assert dag_run.state == "failed"
+    states = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+    assert states[("report", -1)] == "failed"
     assert summary["counts"] == EXPECTED_COUNTS
+    assert summary["lost"] == 4
     assert summary["rejected"] == EXPECTED_REJECTED
     assert summary["resubmitted"] == 3  # flaky, internal_error, generation_failed
+
+    # 11 valid prompts in groups of 4: three mapped instances, labelled by their lines
+    assert {i for (t, i) in states if t == "image.generate"} == {0, 1, 2}
+    by_group: dict[int, set[str]] = {}
+    for image in summary["images"]:
+        by_group.setdefault(image["group"], set()).add(image["outcome"])
+    labels = {image["group"]: image["label"] for image in summary["images"]}
+    assert labels[0].startswith("lines 2-5")
+    for group, outcomes in by_group.items():
+        assert states[("image.generate", group)] == "success"
+        assert states[("image.archive", group)] == "success"
+        # settle is red exactly where the group lost a prompt
+        assert states[("image.settle", group)] == ("failed" if outcomes & LOST else "success"), group
+    rendered = {(ti.task_id, ti.map_index): ti.rendered_map_index for ti in dag_run.get_task_instances()}
+    assert rendered[("image.generate", 0)] == labels[0]
+    assert rendered[("image.settle", 0)] == labels[0]
+
     stats = imagecb_simulator.stats()
     assert summary["credits"]["used"] == summary["credits"]["before"] - stats["credits"]
     assert summary["credits"]["used"] > 0
     sent = set(stats["submissions"])
     assert "" not in sent
     assert not any("koi pond" in prompt for prompt in sent)
-    assert (
-        stats["submissions"]["a red bicycle leaning on a white wall, studio photo"] == 1
-    )  # duplicate row not paid
+    assert stats["submissions"]["a red bicycle leaning on a white wall, studio photo"] == 1  # duplicate row
+    resubmitted = {p for p in sent if any(m in p for m in ("flaky", "internal_error", "generation_failed"))}
+    assert {p: n for p, n in stats["submissions"].items() if n > 1} == dict.fromkeys(resubmitted, 2)
 
-    # every archived file is a valid image whose sha256 matches its manifest line
-    lines = _manifest(run_folder / "images")
-    assert len(lines) == 2 * EXPECTED_COUNTS["success"]
+    # every archived file is a valid image whose sha256 matches its manifest line; the count matches
+    lines = _jsonl(day / "images" / "manifest.jsonl")
+    assert len(lines) == 2 * EXPECTED_COUNTS["success"] == summary["archived_files"]
     for line in lines:
         body = Path(line["path"].removeprefix("file://")).read_bytes()
         assert hashlib.sha256(body).hexdigest() == line["sha256"]
         Image.open(io.BytesIO(body)).verify()
 
-    # the content-policy prompt is quarantined with its reason
-    quarantined = [json.loads(x) for x in (run_folder / "quarantine.jsonl").read_text().splitlines()]
-    assert Counter(q["outcome"] for q in quarantined) == {"content_policy": 1, "timeout": 1}
+    # every prompt without an image is quarantined with its final reason
+    quarantined = _jsonl(day / "quarantine.jsonl")
+    assert Counter(q["outcome"] for q in quarantined) == dict.fromkeys(LOST, 1)
+    assert {tuple(q["resubmitted_after"]) for q in quarantined if q["outcome"] == "internal_error"} == {
+        ("internal_error",)
+    }
+    assert all(q["message"] for q in quarantined)
 
-    # the contact sheet shows every archived image and every failure's reason
-    report = (run_folder / "report.html").read_text()
+    # the contact sheet shows every archived image, every failure's reason, a link to each group
+    report = (day / "runs").glob("*/report.html").__next__().read_text()
     assert report.count("<img ") == EXPECTED_COUNTS["success"]
+    assert report.count('class="card lost"') == 4
     for image in summary["images"]:
         if image["reason"]:
             assert image["reason"] in report or json.dumps(image["reason"])[1:-1] in report
+        assert f"/tasks/image.generate/mapped/{image['group']}" in report
 
-    # per map index, only the chosen branch ran
-    states = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
-    by_prompt = {image["prompt"]: image for image in summary["images"]}
-    for index in range(len(summary["images"]) - EXPECTED_REJECTED + 1):
-        if ("image.route", index) not in states:
-            continue
-        ran = {task for (task, i), state in states.items() if i == index and state == "success"}
-        skipped = {task for (task, i), state in states.items() if i == index and state == "skipped"}
-        assert "image.generate" in ran
-        assert ran & {"image.archive", "image.quarantine", "image.resubmit"}, index
-        assert len(ran & {"image.archive", "image.quarantine", "image.resubmit"}) == 1, (index, ran, skipped)
-    assert by_prompt  # joined by prompt
-
-    # a second run of the same batch and date: nothing archived twice, no success paid again
+    # a second run of the same day: nothing archived twice, no success paid again
     before = dict(stats["submissions"])
-    second = _run(run_dag, batch_dag, tmp_path)
+    second = _run(run_dag, batch_dag, tmp_path, chunk_size=4, fail_run_on_lost=False)
     assert second.state == "success"
-    again = _manifest(run_folder / "images")
-    assert len(again) == len(lines)
-    assert len({(line["remote_task_id"], line["source"]) for line in again}) == len(again)
+    again = _jsonl(day / "images" / "manifest.jsonl")
+    assert again == lines
     submitted_again = {p: n - before.get(p, 0) for p, n in imagecb_simulator.stats()["submissions"].items()}
-    assert {p for p, n in submitted_again.items() if n} <= {
-        p for p in before if "[sim:" in p and "flaky" not in p
+    assert {p for p, n in submitted_again.items() if n} == {
+        p for p in before if any(m in p for m in LOST_MARKERS)
     }
-    summary2 = json.loads((run_folder / "summary.json").read_text())
+    summary2 = _summary(day, second)
     assert summary2["reused_from_earlier_run"] == EXPECTED_COUNTS["success"]
     assert summary2["counts"]["success"] == EXPECTED_COUNTS["success"]
+    assert len(list((day / "runs").iterdir())) == 2  # each run keeps its own report
 
 
-def test_a_manual_run_without_a_logical_date_keys_its_folder_by_run_after(
+LOST_MARKERS = (
+    "[sim:content_policy]",
+    "[sim:internal_error]",
+    "[sim:generation_failed]",
+    "[sim:latency=120]",
+)
+
+
+def test_one_prompt_per_group_and_a_run_without_a_logical_date(
     run_dag, batch_dag, imagecb_simulator, tmp_path
 ):
-    """Airflow 3 creates manual runs without a logical date: the batch must still find its folder."""
+    """chunk_size=1 maps one instance per prompt; Airflow 3 manual runs have no logical date."""
     prompts = tmp_path / "two.jsonl"
     prompts.write_text('{"prompt": "a small boat"}\n{"prompt": "a big ship", "output_format": "png"}\n')
-    conf = {"archive_root": str(tmp_path / "archive"), "prompts_path": str(prompts), "poll_interval": 0.2}
+    conf = {
+        "archive_root": str(tmp_path / "archive"),
+        "prompts_path": str(prompts),
+        "poll_interval": 0.2,
+        "chunk_size": 1,
+    }
     dag_run = run_dag(batch_dag, logical_date=None, run_conf=conf)
     assert dag_run.state == "success"
     assert dag_run.logical_date is None
-    folder = tmp_path / "archive" / dag_run.run_after.strftime("%Y-%m-%d")
-    summary = json.loads((folder / "summary.json").read_text())
+    day = tmp_path / "archive" / dag_run.run_after.strftime("%Y-%m-%d")
+    summary = _summary(day, dag_run)
     assert summary["counts"]["success"] == 2
-    assert len(_manifest(folder / "images")) == 4
+    assert len(_jsonl(day / "images" / "manifest.jsonl")) == 4
+    rendered = {(t.task_id, t.map_index): t.rendered_map_index for t in dag_run.get_task_instances()}
+    assert rendered[("image.generate", 0)] == "line 1: a small boat"
+    assert rendered[("image.generate", 1)] == "line 2: a big ship"
+
+
+def test_a_batch_that_cannot_start_fails_its_run(run_dag, batch_dag, imagecb_simulator, tmp_path):
+    """read_prompts fails (no such file): the report still runs, and the run is failed, not green."""
+    conf = {"archive_root": str(tmp_path), "prompts_path": str(tmp_path / "missing.csv")}
+    dag_run = run_dag(batch_dag, logical_date=LOGICAL_DATE, run_conf=conf)
+    states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
+    assert states["read_prompts"] == "failed"
+    assert states["report"] == "failed"
+    assert dag_run.state == "failed"
+    assert imagecb_simulator.stats()["submissions_total"] == 0

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from imagecb_provider.batch.archive import sniff_image
-from imagecb_provider.batch.prompts import request_key
 from imagecb_provider.exceptions import ImageCbCorruptFile, ImageCbLinkExpired
 from imagecb_provider.hooks.imagecb import ImageCbHook
+from imagecb_provider.models import request_key
 from imagecb_provider.operators.archive import ImageArchiveOperator
 from imagecb_provider.operators.generate import ImageGenerateOperator
 

@@ -1,26 +1,46 @@
 """
-The operator's resume decisions over real HTTP. ``task_state_store`` is stood in for by a dict
-with the same methods, because a rerun cleared from the UI cannot be produced under
-``dag.test()`` (it replaces the whole run); the crash and timeout retries are also proven in
-real Airflow in tests/dags/test_generate_dags.py.
+What a try of the generate operators does with what earlier tries stored, over real HTTP.
+
+``task_state_store`` is stood in for by a dict with its methods, so each case can set up the
+exact state an earlier try (or a rerun cleared from the UI) leaves. The same rules are proven in
+real Airflow in tests/dags/test_generate_dags.py (retries, the stale defer-exit race) and on the
+real stack (a cleared rerun).
 """
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import pytest
 
+from imagecb_provider.exceptions import (
+    ImageCbNotFound,
+    ImageContentPolicyViolation,
+    ImageGenerationFailed,
+    ImageInternalError,
+    ImageSubmissionUncertain,
+)
 from imagecb_provider.hooks.imagecb import ImageCbHook
-from imagecb_provider.models import GenerationRequest
-from imagecb_provider.operators.generate import STATE_KEY, ImageGenerateOperator
+from imagecb_provider.models import GenerationRequest, request_key
+from imagecb_provider.operators.generate import ImageBatchGenerateOperator, ImageGenerateOperator
+from imagecb_provider.utils.ledger import STATE_KEY, LedgerEntry, Slot
+
+pytestmark = pytest.mark.timeout(60)
 
 
 class DictStateStore(dict):
-    """The four methods of Airflow's task_state_store accessor, kept in memory."""
+    """The methods of Airflow's task_state_store accessor, kept in memory; every write is kept."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.writes: list[dict] = []
 
     def get(self, key, default=None):
         return super().get(key, default)
 
     def set(self, key, value, retention=None):
+        self.writes.append(value)
         self[key] = value
 
     def delete(self, key):
@@ -33,72 +53,174 @@ def _operator(prompt: str, **kwargs) -> ImageGenerateOperator:
     )
 
 
-def _stored(remote_task_id: str, prompt: str, *, finished: bool = False) -> dict:
-    return {
-        "remote_task_id": remote_task_id,
-        "request": {"prompt": prompt},
-        "submitted_at": "2026-01-01T00:00:00+00:00",
-        "polls": 0,
-        "finished": finished,
-    }
+def _context(
+    store: DictStateStore, op, *, try_number: int = 2, retries: int = 2, cleared: bool = False
+) -> dict:
+    """A context for a retry (default) or for the first try of a rerun cleared from the UI."""
+    op.retries = retries
+    max_tries = try_number - 1 + retries if cleared else retries
+    ti = SimpleNamespace(
+        try_number=try_number, max_tries=max_tries, dag_id="d", run_id="r", task_id="t", map_index=-1
+    )
+    return {"task_state_store": store, "ti": ti, "task": op}
 
 
-def test_first_try_stores_the_submission_and_marks_it_finished(imagecb_simulator):
+def _stored(prompt: str, remote_task_id: str | None, *, finished: bool = False, **slot) -> DictStateStore:
+    key = request_key(GenerationRequest(prompt=prompt).to_payload())
+    entry = LedgerEntry(slots=[Slot(key=key, remote_task_id=remote_task_id, **slot)], finished=finished)
+    return DictStateStore({STATE_KEY: entry.to_dict()})
+
+
+def _submit(prompt: str) -> str:
+    return ImageCbHook().submit(GenerationRequest(prompt=prompt))
+
+
+def test_the_first_try_records_each_submission_before_and_after_it_goes_out(imagecb_simulator):
     store = DictStateStore()
-    result = _operator("a pier").execute({"task_state_store": store})
-    assert store[STATE_KEY]["remote_task_id"] == result["task_id"]
-    assert store[STATE_KEY]["finished"] is True
+    op = _operator("a pier")
+    result = op.execute(_context(store, op, try_number=1))
+    first = store.writes[0]["slots"][0]
+    assert (first["sending"], first["remote_task_id"]) == (True, None)  # stored before the request left
+    final = store[STATE_KEY]
+    assert final["finished"] is True
+    assert final["slots"][0]["remote_task_id"] == result["task_id"]
+    assert final["slots"][0]["outcome"] == "success"
     assert imagecb_simulator.stats()["submissions"] == {"a pier": 1}
 
 
-def test_retry_reconnects_to_a_task_still_generating(imagecb_simulator):
-    imagecb_simulator.configure(latency=0.6)
-    remote_task_id = ImageCbHook().submit(GenerationRequest(prompt="a mill"))
-    store = DictStateStore({STATE_KEY: _stored(remote_task_id, "a mill")})
-    result = _operator("a mill").execute({"task_state_store": store})
+@pytest.mark.parametrize(
+    ("marker", "error"),
+    [
+        ("", None),
+        ("[sim:content_policy]", ImageContentPolicyViolation),
+        ("[sim:internal_error]", ImageInternalError),
+        ("[sim:generation_failed]", ImageGenerationFailed),
+    ],
+)
+def test_a_retry_settles_an_undelivered_outcome_without_submitting(imagecb_simulator, marker, error):
+    """The stale defer-exit race: try 1's event came, but execute_complete never ran."""
+    imagecb_simulator.configure(latency=0.0)
+    prompt = f"a barn {marker}".strip()
+    remote_task_id = _submit(prompt)
+    store = _stored(prompt, remote_task_id, finished=False)
+    op = _operator(prompt)
+    if error is None:
+        result = op.execute(_context(store, op))
+        assert (result["task_id"], result["outcome"], result["polls"]) == (remote_task_id, "success", 1)
+    else:
+        with pytest.raises(error) as info:
+            op.execute(_context(store, op))
+        assert info.value.result["task_id"] == remote_task_id
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 1}
+    assert imagecb_simulator.stats()["status_calls"][remote_task_id] == 1  # polled at once, not after 30 s
+    assert store[STATE_KEY]["finished"] is True
+
+
+def test_a_retry_reconnects_to_a_task_still_generating(imagecb_simulator):
+    prompt = "a mill [sim:latency=1.5]"
+    remote_task_id = _submit(prompt)
+    store = _stored(prompt, remote_task_id, submitted_at="2026-01-01T00:00:00+00:00")
+    op = _operator(prompt)
+    result = op.execute(_context(store, op))
     assert result["task_id"] == remote_task_id
     assert result["outcome"] == "success"
     assert result["submitted_at"] == "2026-01-01T00:00:00Z"
-    assert imagecb_simulator.stats()["submissions"] == {"a mill": 1}
+    # more than one status call: it was still generating when the retry reconnected
+    assert imagecb_simulator.stats()["status_calls"][remote_task_id] > 1
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 1}
 
 
-def test_retry_takes_the_result_of_a_task_that_already_succeeded(imagecb_simulator):
-    imagecb_simulator.configure(latency=0.0)
-    remote_task_id = ImageCbHook().submit(GenerationRequest(prompt="a barn"))
-    store = DictStateStore({STATE_KEY: _stored(remote_task_id, "a barn")})
-    result = _operator("a barn").execute({"task_state_store": store})
-    assert (result["task_id"], result["outcome"], result["polls"]) == (remote_task_id, "success", 1)
-    assert imagecb_simulator.stats()["status_calls"][remote_task_id] == 1
-    assert imagecb_simulator.stats()["submissions"] == {"a barn": 1}
-
-
-def test_retry_submits_anew_when_the_stored_task_failed(imagecb_simulator):
+def test_a_retry_after_a_delivered_internal_error_submits_anew(imagecb_simulator):
     imagecb_simulator.configure(latency=0.0)
     prompt = "a silo [sim:flaky]"
-    failed_id = ImageCbHook().submit(GenerationRequest(prompt=prompt))
-    store = DictStateStore({STATE_KEY: _stored(failed_id, prompt)})
-    result = _operator(prompt).execute({"task_state_store": store})
+    failed_id = _submit(prompt)
+    store = _stored(prompt, failed_id, finished=True, outcome="internal_error")
+    op = _operator(prompt)
+    result = op.execute(_context(store, op))
     assert result["task_id"] != failed_id
     assert result["outcome"] == "success"
+    assert result["earlier"] == [{"remote_task_id": failed_id, "outcome": "internal_error", "message": ""}]
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 2}
+    assert failed_id not in imagecb_simulator.stats()["status_calls"]
+
+
+def test_a_delivered_content_policy_is_not_paid_again_by_a_retry_but_is_by_a_cleared_rerun(imagecb_simulator):
+    imagecb_simulator.configure(latency=0.0)
+    prompt = "a riot [sim:content_policy]"
+    flagged_id = _submit(prompt)
+    store = _stored(prompt, flagged_id, finished=True, outcome="content_policy")
+    op = _operator(prompt)
+    with pytest.raises(ImageContentPolicyViolation):
+        op.execute(_context(store, op, try_number=2))
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 1}
+    with pytest.raises(ImageContentPolicyViolation) as info:
+        op.execute(_context(store, op, try_number=3, cleared=True))
+    assert info.value.result["task_id"] != flagged_id
     assert imagecb_simulator.stats()["submissions"] == {prompt: 2}
 
 
-def test_a_cleared_rerun_of_a_finished_try_makes_a_new_image(imagecb_simulator):
+def test_a_cleared_rerun_of_one_image_makes_a_new_one_but_a_batch_keeps_its_successes(imagecb_simulator):
     imagecb_simulator.configure(latency=0.0)
-    old_id = ImageCbHook().submit(GenerationRequest(prompt="a dam"))
-    store = DictStateStore({STATE_KEY: _stored(old_id, "a dam", finished=True)})
-    result = _operator("a dam").execute({"task_state_store": store})
-    assert result["task_id"] != old_id
+    old_id = _submit("a dam")
+    store = _stored("a dam", old_id, finished=True, outcome="success")
+    op = _operator("a dam")
+    assert op.execute(_context(store, op, try_number=2, cleared=True))["task_id"] != old_id
     assert imagecb_simulator.stats()["submissions"] == {"a dam": 2}
-    assert old_id not in imagecb_simulator.stats()["status_calls"]
+
+    kept_id, failed_id = _submit("a weir"), _submit("a lock [sim:generation_failed]")
+    requests = [{"prompt": "a weir"}, {"prompt": "a lock [sim:generation_failed]"}]
+    keys = [request_key(GenerationRequest.from_dict(r).to_payload()) for r in requests]
+    entry = LedgerEntry(
+        slots=[
+            Slot(key=keys[0], remote_task_id=kept_id, outcome="success"),
+            Slot(key=keys[1], remote_task_id=failed_id, outcome="generation_failed"),
+        ],
+        finished=True,
+    )
+    batch_store = DictStateStore({STATE_KEY: entry.to_dict()})
+    batch = ImageBatchGenerateOperator(
+        task_id="b", requests=requests, deferrable=False, poll_interval=0.1, failure_mode="return"
+    )
+    results = batch.execute(_context(batch_store, batch, try_number=2, cleared=True))
+    assert results[0]["task_id"] == kept_id  # reused, not paid again
+    assert results[1]["task_id"] != failed_id  # regenerated
+    assert imagecb_simulator.stats()["submissions"] == {
+        "a dam": 2,
+        "a weir": 1,
+        "a lock [sim:generation_failed]": 2,
+    }
+
+
+@pytest.mark.parametrize("failure_mode", ["raise", "return"])
+def test_a_submission_whose_answer_was_lost_is_never_resent(imagecb_simulator, failure_mode):
+    store = _stored("a quay", None, sending=True)
+    op = _operator("a quay", failure_mode=failure_mode)
+    if failure_mode == "raise":
+        with pytest.raises(ImageSubmissionUncertain, match=r"(?i)check the account"):
+            op.execute(_context(store, op))
+    else:
+        result = op.execute(_context(store, op))
+        assert (result["outcome"], result["task_id"]) == ("submission_uncertain", None)
+    assert imagecb_simulator.stats()["submissions_total"] == 0
+
+
+def test_a_remote_task_the_api_forgot_is_not_a_dead_end(imagecb_simulator):
+    """A 404 on reconnect retires the stored id: the next try (or a Clear) submits anew."""
+    store = _stored("a jetty", "gone-task-id")
+    op = _operator("a jetty")
+    with pytest.raises(ImageCbNotFound):
+        op.execute(_context(store, op, try_number=2))
+    assert store[STATE_KEY]["slots"][0]["remote_task_id"] is None
+    result = op.execute(_context(store, op, try_number=3))
+    assert result["outcome"] == "success"
+    assert result["earlier"][0]["remote_task_id"] == "gone-task-id"
+    assert imagecb_simulator.stats()["submissions"] == {"a jetty": 1}
 
 
 def test_submit_only_retry_returns_the_stored_id(imagecb_simulator):
-    store = DictStateStore({STATE_KEY: _stored("task-from-try-1", "a bay")})
-    assert (
-        _operator("a bay", wait_for_completion=False).execute({"task_state_store": store})
-        == "task-from-try-1"
-    )
+    store = _stored("a bay", "task-from-try-1")
+    op = _operator("a bay", wait_for_completion=False)
+    assert op.execute(_context(store, op)) == "task-from-try-1"
     assert imagecb_simulator.stats()["submissions_total"] == 0
 
 
@@ -108,14 +230,34 @@ def test_without_a_state_store_it_warns_once_and_carries_on(imagecb_simulator, c
     assert capsys.readouterr().out.count("task_state_store is not available") == 1
 
 
-@pytest.mark.parametrize("failure_mode", ["raise", "return"])
-def test_timeout_keeps_the_submission_open_only_when_it_will_be_retried(imagecb_simulator, failure_mode):
+def test_a_timeout_is_reconnected_to_by_the_retry(imagecb_simulator):
+    prompt = "a moor [sim:latency=1.2]"
     store = DictStateStore()
-    op = _operator("a moor [sim:never]", timeout=0.3, failure_mode=failure_mode)
-    if failure_mode == "raise":
-        with pytest.raises(Exception, match="timeout"):
-            op.execute({"task_state_store": store})
-        assert store[STATE_KEY]["finished"] is False
-    else:
-        assert op.execute({"task_state_store": store})["outcome"] == "timeout"
-        assert store[STATE_KEY]["finished"] is True
+    op = _operator(prompt, timeout=0.3, failure_mode="return")
+    first = op.execute(_context(store, op, try_number=1))
+    assert first["outcome"] == "timeout"
+    second = _operator(prompt, failure_mode="return")
+    result = second.execute(_context(store, second, try_number=2))
+    assert (result["outcome"], result["task_id"]) == ("success", first["task_id"])
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 1}
+
+
+def test_a_batch_is_paced_under_the_accounts_limit_and_resubmits_once(imagecb_simulator, monkeypatch):
+    imagecb_simulator.configure(latency=0.0, rate_limit_count=4, rate_limit_window=1.0)
+    conn = {**json.loads(imagecb_simulator.connection_json()), "extra": {"submissions_per_10s": 40}}
+    monkeypatch.setenv("AIRFLOW_CONN_IMAGECB_DEFAULT", json.dumps(conn))  # 4 per second
+    requests = [{"prompt": f"a tile {i}"} for i in range(10)] + [{"prompt": "a vase [sim:flaky]"}]
+    store = DictStateStore()
+    op = ImageBatchGenerateOperator(
+        task_id="b",
+        requests=requests,
+        deferrable=False,
+        poll_interval=0.1,
+        resubmit_outcomes=["internal_error"],
+    )
+    results = op.execute(_context(store, op, try_number=1))
+    assert [r["outcome"] for r in results] == ["success"] * 11
+    assert results[-1]["earlier"][0]["outcome"] == "internal_error"
+    stats = imagecb_simulator.stats()
+    assert stats["submissions_total"] == 12  # eleven, and the one resubmission
+    assert stats["rejected"].get("429", 0) == 0  # paced: never over the limit

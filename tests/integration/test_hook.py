@@ -7,6 +7,7 @@ import logging
 import socket
 
 import pytest
+import requests
 
 from imagecb_provider.exceptions import (
     ImageCbApiError,
@@ -112,7 +113,8 @@ def test_connection_extras_never_become_request_headers(monkeypatch, imagecb_sim
             }
         ),
     )
-    headers = ImageCbHook().get_conn().headers
+    session = ImageCbHook().get_conn()
+    headers = session.prepare_request(requests.Request("GET", imagecb_simulator.url)).headers
     assert headers["Authorization"] == "Bearer test-key"
     assert not any(HMAC_KEY in value for value in headers.values())
     assert not {"webhook_hmac_key", "callback_base_url"} & {k.lower() for k in headers}

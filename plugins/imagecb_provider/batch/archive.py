@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import random
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -30,6 +32,8 @@ from imagecb_provider.models import to_iso
 
 MANIFEST_NAME = "manifest.jsonl"
 MIN_IMAGE_BYTES = 64
+#: Conditional writes of a remote manifest tried before giving up (each rereads it first).
+MAX_WRITE_ATTEMPTS = 8
 
 #: How each file was obtained, as the manifest tells it.
 VIA_DIRECT = "direct"
@@ -98,7 +102,11 @@ class ArchiveStore:
     def __init__(self, destination: ObjectStoragePath, hook: ImageCbHook, manifest_name: str = MANIFEST_NAME):
         self.destination = destination
         self.hook = hook
-        self.manifest = JsonlLedger(destination / manifest_name, key_fields=("remote_task_id", "source"))
+        self.manifest = JsonlLedger(
+            destination / manifest_name,
+            key_fields=("remote_task_id", "source"),
+            supersede_fields=("request_key", "source"),
+        )
 
     # ------------------------------------------------------------------ downloads
     def download(self, url: str, refresh_fallback: str | None = None) -> tuple[bytes, str]:
@@ -172,63 +180,159 @@ class ArchiveStore:
 
     # ------------------------------------------------------------------ manifest
     def record(self, files: Iterable[ArchivedFile]) -> int:
-        """Append the files the manifest does not list yet; returns how many lines were added."""
+        """Add the files the manifest does not list yet; returns how many lines were added."""
         return self.manifest.add(f.to_dict() for f in files)
+
+    def kept(self) -> dict[tuple[str, str], ArchivedFile]:
+        """The files the manifest lists, by (remote task id, source): kept already, not downloaded again."""
+        fields = ArchivedFile.__dataclass_fields__
+        return {
+            (e["remote_task_id"], e["source"]): ArchivedFile(**{k: e.get(k) for k in fields})
+            for e in self.manifest.read()
+        }
 
 
 class JsonlLedger:
     """
     A JSON-lines file of entries unique by ``key_fields``: adding an entry twice adds one line.
 
-    Concurrent writers sharing a local folder are serialized with a lock file; object stores
-    cannot append, so there the object is rewritten whole.
+    With ``supersede_fields``, a new entry that matches a current one on those fields (the same
+    request and source, another remote task) marks the old one ``superseded_by`` the new one: the
+    old file is kept, and :meth:`current` leaves it out.
+
+    Concurrent writers are safe. In a local folder they are serialized by a lock file and lines
+    are appended. Object stores cannot append or lock, so the object is rewritten whole with a
+    conditional write (S3 ``If-Match`` / ``If-None-Match``), read again and retried on conflict.
     """
 
-    def __init__(self, path: ObjectStoragePath, key_fields: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        path: ObjectStoragePath,
+        key_fields: tuple[str, ...],
+        supersede_fields: tuple[str, ...] = (),
+    ) -> None:
         self.path = path
         self.key_fields = key_fields
+        self.supersede_fields = supersede_fields
 
     def _key(self, entry: dict[str, Any]) -> tuple:
         return tuple(entry.get(name) for name in self.key_fields)
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return _parse(self.path.read_text()) if self.path.exists() else []
+
+    def current(self) -> list[dict[str, Any]]:
+        """The entries not superseded by a newer one."""
+        return [entry for entry in self.read() if not entry.get("superseded_by")]
 
     def add(self, entries: Iterable[dict[str, Any]]) -> int:
-        """Append the entries whose key is not there yet; returns how many lines were added."""
-        with self._lock():
-            known = {self._key(entry) for entry in self.read()}
-            new: list[dict[str, Any]] = []
-            for entry in entries:
-                if self._key(entry) not in known:
-                    known.add(self._key(entry))
-                    new.append(entry)
-            if new:
-                self._append("".join(json.dumps(entry, sort_keys=True) + "\n" for entry in new))
-        return len(new)
+        """Add the entries whose key is not there yet; returns how many lines were added."""
+        entries = list(entries)
+        if not entries:
+            return 0
+        if self._is_local():
+            with self._lock():
+                return self._merge_local(entries)
+        return _retry_on_conflict(lambda: self._merge_remote(entries))
+
+    def _merge(self, existing: list[dict], entries: list[dict]) -> tuple[list[dict], list[dict], bool]:
+        """The new lines, the existing lines (some now superseded), and whether any was changed."""
+        known = {self._key(entry) for entry in existing}
+        new: list[dict[str, Any]] = []
+        for entry in entries:
+            if self._key(entry) not in known:
+                known.add(self._key(entry))
+                new.append(entry)
+        changed = False
+        for entry in new:
+            for old in existing:
+                if self._supersedes(entry, old):
+                    old["superseded_by"] = entry.get("remote_task_id")
+                    changed = True
+        return new, existing, changed
+
+    def _supersedes(self, new: dict[str, Any], old: dict[str, Any]) -> bool:
+        if not self.supersede_fields or old.get("superseded_by"):
+            return False
+        same = all(new.get(f) == old.get(f) and new.get(f) is not None for f in self.supersede_fields)
+        return same and self._key(new) != self._key(old)
 
     def _is_local(self) -> bool:
         return self.path.protocol in ("file", "local", "")
 
-    def _append(self, text: str) -> None:
-        if self._is_local():
+    def _merge_local(self, entries: list[dict[str, Any]]) -> int:
+        existing = self.read()
+        new, existing, changed = self._merge(existing, entries)
+        if changed:  # rewrite whole (old lines now say superseded_by), atomically
+            temporary = f"{self.path.path}.{uuid.uuid4().hex}.partial"
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(_lines(existing + new))
+            os.replace(temporary, self.path.path)
+        elif new:
             with open(self.path.path, "a", encoding="utf-8") as handle:
-                handle.write(text)
-            return
-        current = self.path.read_text() if self.path.exists() else ""
-        self.path.write_text(current + text)
+                handle.write(_lines(new))
+        return len(new)
+
+    def _merge_remote(self, entries: list[dict[str, Any]]) -> int:
+        fs, key = self.path.fs, self.path.path
+        etag, text = _read_with_etag(fs, key)
+        new, existing, changed = self._merge(_parse(text), entries)
+        if not new and not changed:
+            return 0
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        if self.path.protocol != "s3":  # other stores: no condition (one writer at a time)
+            condition = {}
+        fs.pipe_file(key, _lines(existing + new).encode(), **condition)
+        return len(new)
 
     @contextmanager
     def _lock(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self._is_local():
-            yield
-            return
         with open(f"{self.path.parent.path}/.{self.path.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _WriteConflict(Exception):
+    """Another writer changed the object between our read and our conditional write."""
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _lines(entries: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in entries)
+
+
+def _read_with_etag(fs: Any, key: str) -> tuple[str | None, str]:
+    """The object's ETag and text, read consistently (``(None, "")`` when it does not exist)."""
+    for _ in range(MAX_WRITE_ATTEMPTS):
+        try:
+            before = fs.info(key, refresh=True).get("ETag")
+        except FileNotFoundError:
+            return None, ""
+        text = fs.cat_file(key).decode("utf-8")
+        if fs.info(key, refresh=True).get("ETag") == before:
+            return before, text
+    raise _WriteConflict(f"{key} kept changing while it was read")
+
+
+def _retry_on_conflict(write: Callable[[], int]) -> int:
+    for attempt in range(1, MAX_WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except (OSError, _WriteConflict) as error:
+            if attempt == MAX_WRITE_ATTEMPTS or not _is_precondition_failure(error):
+                raise
+            log.info("The manifest changed while it was updated (attempt %d); reading it again", attempt)
+            time.sleep(random.uniform(0.05, 0.2) * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _is_precondition_failure(error: Exception) -> bool:
+    text = str(error)
+    return isinstance(error, _WriteConflict) or "pre-condition" in text or "PreconditionFailed" in text

@@ -10,7 +10,6 @@ identical to an earlier one is left out too, so the batch never pays for the sam
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from collections.abc import Iterator, Mapping
@@ -18,15 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagecb_provider.exceptions import ImageCbConfigurationError, InvalidGenerationRequest
-from imagecb_provider.models import GenerationRequest
+from imagecb_provider.models import GenerationRequest, request_key
 
 _UNREADABLE = "__unreadable__"
-
-
-def request_key(payload: Mapping[str, Any]) -> str:
-    """A stable fingerprint of a request payload (what was asked), callback URL excluded."""
-    canonical = json.dumps({k: v for k, v in payload.items() if k != "callBackUrl"}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -71,6 +64,41 @@ def parse_prompt_file(text: str, name: str, defaults: Mapping[str, Any] | None =
         seen[key] = line
         batch.requests.append({"line": line, "key": key, "request": request.to_dict()})
     return batch
+
+
+def group_requests(
+    items: list[dict[str, Any]], chunk_size: int, max_groups: int = 1024
+) -> list[dict[str, Any]]:
+    """
+    Split validated batch items into groups of ``chunk_size``, each labelled by its lines.
+
+    The size grows when the items would need more than ``max_groups`` groups (Airflow's
+    ``[core] max_map_length``), so any file runs in one DAG run without raising an Airflow limit.
+    Each item gets its group's index as ``group`` (the mapped instance that generates it).
+
+    :return: ``{"label", "lines", "requests"}`` per group, in file order.
+    """
+    if chunk_size < 1:
+        raise ImageCbConfigurationError(f"chunk_size={chunk_size!r}: must be 1 or more")
+    size = max(chunk_size, -(-len(items) // max(max_groups, 1)))
+    groups = []
+    for start in range(0, len(items), size):
+        members = items[start : start + size]
+        for item in members:
+            item["group"] = len(groups)
+        lines = [item["line"] for item in members]
+        groups.append({"label": _label(members), "lines": lines, "requests": [m["request"] for m in members]})
+    return groups
+
+
+def _label(members: list[dict[str, Any]]) -> str:
+    """``line 7: a red bicycle...`` for one prompt, ``lines 2-51 (48 prompts)`` for a group."""
+    if len(members) == 1:
+        prompt = members[0]["request"]["prompt"]
+        shown = prompt if len(prompt) <= 48 else prompt[:47].rstrip() + "…"
+        return f"line {members[0]['line']}: {shown}"
+    first, last = members[0]["line"], members[-1]["line"]
+    return f"lines {first}-{last} ({len(members)} prompts)"
 
 
 def _check_defaults(defaults: Mapping[str, Any]) -> None:

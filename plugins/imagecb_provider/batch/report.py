@@ -1,99 +1,152 @@
 """
-The batch report: ``summary.json`` (counts by outcome, credits, durations) and ``report.html``
-(a contact sheet with a thumbnail of every archived image and the reason of every failure).
+The batch report: ``summary.json`` (counts by outcome, credits, durations, one entry per prompt)
+and ``report.html`` (a contact sheet: a thumbnail of every kept image, the reason of every prompt
+left without one, the rejected rows).
 
-Pure functions over the batch's XComs, so the report task only gathers and writes.
+Each run writes into its own folder, ``<day folder>/runs/<run id>/``, next to the day's shared
+``images/`` (files and ``manifest.jsonl``) and ``quarantine.jsonl``. A report task that runs again
+after a rerun keeps the batch time of the first pass and adds the rerun's own time.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
-from imagecb_provider.batch.prompts import request_key
-from imagecb_provider.models import Outcome, parse_timestamp
+from airflow.sdk import ObjectStoragePath
+
+from imagecb_provider.batch.archive import MANIFEST_NAME, JsonlLedger
+from imagecb_provider.models import Outcome, parse_timestamp, request_key, to_iso
+
+NOT_RUN = "not_run"
+#: The outcome of a prompt whose image succeeded but could not be kept (its archive task failed).
+NOT_ARCHIVED = "not_archived"
+GENERATE_TASK = "image.generate"
 
 
-def _by_key(results: Iterable[Mapping[str, Any] | None]) -> dict[str, dict[str, Any]]:
-    return {request_key(r.get("request") or {}): dict(r) for r in results if isinstance(r, Mapping)}
+def run_folder_name(run_id: str) -> str:
+    """A run id as a folder name that needs no escaping in a path or a URL."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_id)
+
+
+def lost_entry(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The quarantine line of a prompt left without an image: what was asked, how it ended, why."""
+    earlier = [e.get("outcome") for e in result.get("earlier") or ()]
+    return {
+        "request_key": request_key(result.get("request") or {}),
+        "task_id": result.get("task_id"),
+        "prompt": result.get("prompt") or "",
+        "outcome": result.get("outcome"),
+        "code": result.get("code"),
+        "message": result.get("message") or "",
+        "resubmitted_after": earlier,
+        "request": result.get("request"),
+        "quarantined_at": to_iso(datetime.now(UTC)),
+    }
+
+
+def _flatten(values: Iterable[Any]) -> list[dict[str, Any]]:
+    """Per-group XComs (each a list of results, or None for a group that produced none) as one list."""
+    flat: list[dict[str, Any]] = []
+    for value in values:
+        items = value if isinstance(value, list) else [value]
+        flat.extend(dict(item) for item in items if isinstance(item, Mapping))
+    return flat
+
+
+def _by_key(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {request_key(r.get("request") or {}): dict(r) for r in results}
 
 
 def _seconds(result: Mapping[str, Any]) -> float | None:
-    submitted, completed = (
-        parse_timestamp(result.get("submitted_at")),
-        parse_timestamp(result.get("completed_at")),
-    )
+    submitted = parse_timestamp(result.get("submitted_at"))
+    completed = parse_timestamp(result.get("completed_at"))
     return round((completed - submitted).total_seconds(), 1) if submitted and completed else None
 
 
 def _entry(
-    item: Mapping[str, Any], first: dict | None, second: dict | None, files: list[dict]
+    item: Mapping[str, Any], result: Mapping[str, Any] | None, files: list[dict], group: Mapping | None
 ) -> dict[str, Any]:
-    final = second or first or {}
-    outcome = final.get("outcome") or "not_run"
+    outcome = (result or {}).get("outcome") or NOT_RUN
+    if outcome == Outcome.SUCCESS and not any(f.get("source") == "result" for f in files):
+        outcome = NOT_ARCHIVED
+    reasons = {NOT_RUN: "its group's generate task did not run", NOT_ARCHIVED: "the archive task failed"}
+    reason = None if outcome == Outcome.SUCCESS else ((result or {}).get("message") or reasons.get(outcome))
     return {
         "line": item["line"],
         "prompt": item["request"]["prompt"],
+        "key": item["key"],
+        "group": item.get("group"),
+        "label": (group or {}).get("label"),
         "outcome": outcome,
-        "first_outcome": first.get("outcome") if first else None,
-        "resubmitted": second is not None,
-        "task_id": final.get("task_id"),
-        "reason": None if outcome == Outcome.SUCCESS else (final.get("message") or "the task did not run"),
-        "seconds": _seconds(final) if final else None,
+        "earlier": [e.get("outcome") for e in (result or {}).get("earlier") or ()],
+        "task_id": (result or {}).get("task_id"),
+        "reason": reason,
+        "submitted_at": (result or {}).get("submitted_at"),
+        "completed_at": (result or {}).get("completed_at"),
+        "seconds": _seconds(result) if result else None,
         "files": files,
         "reused": False,
     }
 
 
 def _reused_entry(item: Mapping[str, Any]) -> dict[str, Any]:
-    """A prompt whose image an earlier run of the same day already archived (``files`` from the manifest)."""
+    """A prompt whose image an earlier run of the same day already kept (``files`` from the manifest)."""
     kept = {"outcome": Outcome.SUCCESS.value, "task_id": item["files"][0]["remote_task_id"]}
-    return {**_entry(item, kept, None, list(item["files"])), "reused": True}
+    return {**_entry(item, kept, list(item["files"]), None), "reused": True}
 
 
 def build_summary(
     *,
+    batch: Mapping[str, Any],
+    generated: Iterable[Any],
+    manifest: list[dict[str, Any]],
+    dag_id: str,
     run_id: str,
     prompts_path: str,
-    requests: list[Mapping[str, Any]],
-    rejected: list[Mapping[str, Any]],
-    reused: list[Mapping[str, Any]],  # batch items with the ``files`` the manifest already lists
-    generated: Iterable[Mapping[str, Any] | None],
-    resubmitted: Iterable[Mapping[str, Any] | None],
-    archived: Iterable[Mapping[str, Any] | None],
-    credits_before: float | None,
     credits_after: float | None,
-    started_at: datetime | None,
+    previous: Mapping[str, Any] | None,
     finished_at: datetime,
 ) -> dict[str, Any]:
-    """Join the per-prompt XComs by request fingerprint into one summary of the batch."""
-    first, second = _by_key(generated), _by_key(resubmitted)
+    """
+    Join the batch's XComs and the day's manifest, by request fingerprint, into one summary.
+
+    ``generated`` are the generate tasks' XComs (a list of results per group); the files of each
+    prompt are its current manifest lines, so the counts always equal the manifest.
+    ``previous`` is this run's earlier summary, when the report runs again after a rerun.
+    """
+    results = _by_key(_flatten(generated))
     files: dict[str, list[dict]] = {}
-    for result in archived:
-        if isinstance(result, Mapping):
-            files.setdefault(request_key(result.get("request") or {}), []).extend(result.get("files") or [])
+    for line in manifest:
+        files.setdefault(line.get("request_key"), []).append(line)
+    groups = batch.get("groups") or []
     images = [
-        _entry(item, first.get(item["key"]), second.get(item["key"]), files.get(item["key"], []))
-        for item in requests
+        _entry(item, results.get(item["key"]), files.get(item["key"], []), _group(groups, item))
+        for item in batch["items"]
     ]
-    images += [_reused_entry(item) for item in reused]
+    images += [_reused_entry(item) for item in batch["reused"]]
     images.sort(key=lambda image: image["line"])
     counts = Counter(image["outcome"] for image in images)
-    durations = [image["seconds"] for image in images if image["seconds"] is not None and not image["reused"]]
+    durations = [i["seconds"] for i in images if i["seconds"] is not None and not i["reused"]]
+    credits_before = batch.get("credits_before")
     return {
+        "dag_id": dag_id,
         "run_id": run_id,
         "prompts_path": prompts_path,
-        "counts": {outcome.value: counts.get(outcome.value, 0) for outcome in Outcome}
-        | _extra_counts(counts),
-        "prompts": len(images) + len(rejected),
-        "rejected": len(rejected),
-        "resubmitted": sum(image["resubmitted"] for image in images),
-        "reused_from_earlier_run": len(reused),
-        "archived_files": sum(len(image["files"]) for image in images),
+        "counts": {o.value: counts.get(o.value, 0) for o in Outcome} | _extra_counts(counts),
+        "prompts": len(images) + len(batch["rejected"]),
+        "rejected": len(batch["rejected"]),
+        "lost": sum(i["outcome"] != Outcome.SUCCESS for i in images),
+        "resubmitted": sum(bool(i["earlier"]) for i in images),
+        "reused_from_earlier_run": len(batch["reused"]),
+        "archived_files": sum(len(i["files"]) for i in images),
         "credits": {
             "before": credits_before,
             "after": credits_after,
@@ -101,20 +154,110 @@ def build_summary(
             if None not in (credits_before, credits_after)
             else None,
         },
-        "durations": {
-            "batch_seconds": round((finished_at - started_at).total_seconds(), 1) if started_at else None,
+        "durations": _durations(batch, images, previous, finished_at)
+        | {
             "image_seconds_min": min(durations, default=None),
             "image_seconds_median": statistics.median(durations) if durations else None,
             "image_seconds_max": max(durations, default=None),
         },
+        "finished_at": to_iso(finished_at),
         "images": images,
-        "rejected_rows": [dict(row) for row in rejected],
+        "rejected_rows": [dict(row) for row in batch["rejected"]],
     }
+
+
+def _group(groups: list[Mapping[str, Any]], item: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    index = item.get("group")
+    return groups[index] if isinstance(index, int) and 0 <= index < len(groups) else None
+
+
+def _durations(
+    batch: Mapping[str, Any], images: list[dict], previous: Mapping[str, Any] | None, finished_at: datetime
+) -> dict[str, Any]:
+    """The first pass's wall time, kept across reruns, and each rerun's own time."""
+    if not previous:
+        started = parse_timestamp(batch.get("started_at"))
+        seconds = round((finished_at - started).total_seconds(), 1) if started else None
+        return {"batch_seconds": seconds, "reruns": []}
+    reruns = list(previous["durations"].get("reruns") or [])
+    since = parse_timestamp(previous.get("finished_at"))
+    again = [i for i in images if since and (parse_timestamp(i["submitted_at"]) or since) > since]
+    starts = [parse_timestamp(i["submitted_at"]) for i in again]
+    if starts:
+        reruns.append(
+            {
+                "images": len(again),
+                "lines": [i["line"] for i in again],
+                "seconds": round((finished_at - min(starts)).total_seconds(), 1),
+                "finished_at": to_iso(finished_at),
+            }
+        )
+    return {"batch_seconds": previous["durations"]["batch_seconds"], "reruns": reruns}
 
 
 def _extra_counts(counts: Counter) -> dict[str, int]:
     known = {outcome.value for outcome in Outcome}
     return {name: count for name, count in counts.items() if name not in known}
+
+
+def write_report(
+    *,
+    folder: ObjectStoragePath,
+    batch: Mapping[str, Any] | None,
+    generated: Iterable[Any],
+    archived: Iterable[Any],
+    dag_id: str,
+    run_id: str,
+    prompts_path: str,
+    credits_after: float | None,
+    ui_url: str,
+    fail_on_lost: bool,
+) -> dict[str, str]:
+    """
+    Write this run's ``summary.json`` and ``report.html`` under ``folder/runs/<run id>``.
+
+    Raises ``AirflowFailException`` after writing when the batch never started, or when prompts
+    were left without an image and ``fail_on_lost``, so the run fails and Airflow's alerts fire.
+
+    :param folder: the day folder (holds ``images/`` and ``quarantine.jsonl``).
+    :param batch: the ``batch`` XCom of ``read_prompts``; ``None`` when it did not run.
+    :param generated: the generate tasks' XComs; ``archived`` the archive tasks' (unused but for
+        reading: the files are taken from the manifest).
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    del archived  # the manifest is the truth about kept files
+    out = folder / "runs" / run_folder_name(run_id)
+    out.mkdir(parents=True, exist_ok=True)
+    if batch is None:
+        (out / "summary.json").write_text(json.dumps({"run_id": run_id, "started": False}, indent=2))
+        raise AirflowFailException(
+            "The batch could not start: read_prompts did not finish (see its log); nothing was generated"
+        )
+    previous_path = out / "summary.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    manifest = JsonlLedger(folder / "images" / MANIFEST_NAME, ()).current()
+    summary = build_summary(
+        batch=batch,
+        generated=generated,
+        manifest=manifest,
+        dag_id=dag_id,
+        run_id=run_id,
+        prompts_path=prompts_path,
+        credits_after=credits_after,
+        previous=previous if previous and previous.get("durations") else None,
+        finished_at=datetime.now(UTC),
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.html").write_text(render_contact_sheet(summary, ui_url=ui_url))
+    print(f"Summary: {json.dumps(summary['counts'])}; report: {out / 'report.html'}")
+    if summary["lost"] and fail_on_lost:
+        lines = ", ".join(str(i["line"]) for i in summary["images"] if i["outcome"] != Outcome.SUCCESS)
+        raise AirflowFailException(
+            f"{summary['lost']} prompt(s) ended without an image (lines {lines}); the report is written. "
+            "The run fails because fail_run_on_lost is on: clear a failed group to retry its prompts"
+        )
+    return {"summary": str(out / "summary.json"), "report": str(out / "report.html")}
 
 
 # --------------------------------------------------------------------------- the sheet
@@ -125,51 +268,71 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px}
 .counts .rejected{background:#eee;color:#222}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:14px}
 .card{background:#fff;border:1px solid #ddd;border-radius:8px;overflow:hidden}
+.card.lost{border:2px solid #c62828}
 .card img{width:100%;height:150px;object-fit:cover;display:block;background:#eee}
 .card .none{height:150px;display:flex;align-items:center;justify-content:center;color:#999;background:#f1f1f1}
 .card .body{padding:8px 10px} .prompt{font-weight:600;word-break:break-word}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
 .success{background:#2e7d32}.content_policy{background:#c62828}.internal_error{background:#ef6c00}
-.generation_failed{background:#ad1457}.timeout{background:#6a1b9a}.not_run{background:#757575}
+.generation_failed{background:#ad1457}.timeout{background:#6a1b9a}.not_run,.not_archived{background:#757575}
+.submission_uncertain{background:#4e342e}
 .reason{color:#b71c1c;font-size:12px;margin-top:4px} .small{color:#777;font-size:12px}
-table{border-collapse:collapse;margin-top:8px} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+a.ti{font-size:12px} table{border-collapse:collapse;margin-top:8px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
 """
 
 
-def _thumbnail(image: Mapping[str, Any], run_url: str) -> str:
+def _thumbnail(image: Mapping[str, Any]) -> str:
     result = next((f for f in image["files"] if f.get("source") == "result"), None)
     if not result:
         return '<div class="none">no image</div>'
-    path = str(result["path"])
-    src = path[len(run_url) :].lstrip("/") if path.startswith(run_url) else path
+    # The report sits in runs/<run id>/ beside the day's images/ folder.
+    src = "../../images/" + str(result["path"]).rsplit("/", 1)[-1]
     return f'<img src="{html.escape(src)}" alt="{html.escape(image["prompt"])}" loading="lazy">'
 
 
-def _card(image: Mapping[str, Any], run_url: str) -> str:
+def task_instance_url(ui_url: str, dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+    """The Airflow UI page of a (mapped) task instance."""
+    path = f"/dags/{quote(dag_id)}/runs/{quote(run_id, safe='')}/tasks/{quote(task_id)}"
+    if map_index is not None:
+        path += f"/mapped/{map_index}"
+    return ui_url.rstrip("/") + path
+
+
+def _card(image: Mapping[str, Any], summary: Mapping[str, Any], ui_url: str) -> str:
     notes = []
-    if image.get("resubmitted"):
-        notes.append(f"resubmitted after {image.get('first_outcome')}")
+    if image.get("earlier"):
+        notes.append(f"resubmitted after {', '.join(str(e) for e in image['earlier'])}")
     if image.get("reused"):
-        notes.append("kept from an earlier run of this batch")
+        notes.append("kept from an earlier run of this day")
     if image.get("seconds") is not None:
         notes.append(f"{image['seconds']:g} s")
     reason = f'<div class="reason">{html.escape(str(image["reason"]))}</div>' if image.get("reason") else ""
+    link = ""
+    if image.get("group") is not None:
+        url = task_instance_url(ui_url, summary["dag_id"], summary["run_id"], GENERATE_TASK, image["group"])
+        label = html.escape(image["label"] or "")
+        link = f'<a class="ti" href="{html.escape(url)}" target="_top">{label}</a>'
+    lost = " lost" if image["outcome"] != Outcome.SUCCESS else ""
     return (
-        f'<div class="card">{_thumbnail(image, run_url)}<div class="body">'
+        f'<div class="card{lost}" id="line-{image["line"]}">{_thumbnail(image)}<div class="body">'
         f'<span class="badge {html.escape(image["outcome"])}">{html.escape(image["outcome"])}</span> '
         f'<span class="small">line {image["line"]} · {html.escape(" · ".join(notes))}</span>'
-        f'<div class="prompt">{html.escape(image["prompt"])}</div>{reason}</div></div>'
+        f'<div class="prompt">{html.escape(image["prompt"])}</div>{reason}{link}</div></div>'
     )
 
 
-def render_contact_sheet(summary: Mapping[str, Any], run_url: str) -> str:
-    """The HTML contact sheet; image paths are made relative to ``run_url`` so the folder is portable."""
+def render_contact_sheet(summary: Mapping[str, Any], *, ui_url: str = "") -> str:
+    """The HTML contact sheet; images are linked relatively, so the day folder is portable."""
     counts = "".join(
         f'<span class="badge {html.escape(k)}">{html.escape(k)}: {v}</span>'
         for k, v in summary["counts"].items()
         if v
     )
-    credits = summary["credits"]
+    credits, durations = summary["credits"], summary["durations"]
+    reruns = "".join(
+        f" · rerun of {r['images']} prompt(s): {r['seconds']} s" for r in durations.get("reruns") or ()
+    )
     rejected = "".join(
         f"<tr><td>{row['line']}</td><td>{html.escape(str(row.get('prompt') or ''))}</td>"
         f"<td>{html.escape(row['error'])}</td></tr>"
@@ -181,14 +344,14 @@ def render_contact_sheet(summary: Mapping[str, Any], run_url: str) -> str:
         if rejected
         else ""
     )
-    cards = "".join(_card(image, run_url) for image in summary["images"])
+    cards = "".join(_card(image, summary, ui_url) for image in summary["images"])
     run_id = html.escape(summary["run_id"])
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>imagecb batch {run_id}"
         f"</title><style>{_CSS}</style></head><body><h1>Image batch {run_id}</h1>"
         f'<div class="meta">{summary["prompts"]} prompts from {html.escape(summary["prompts_path"])} · '
-        f"{summary['archived_files']} files archived · credits used: {credits['used']} · "
-        f"batch time: {summary['durations']['batch_seconds']} s</div>"
+        f"{summary['archived_files']} files archived · {summary['lost']} without an image · "
+        f"credits used: {credits['used']} · batch time: {durations['batch_seconds']} s{reruns}</div>"
         f'<div class="counts">{counts}<span class="rejected">rejected: {summary["rejected"]}</span></div>'
         f'<div class="grid">{cards}</div>{rejected_table}</body></html>'
     )

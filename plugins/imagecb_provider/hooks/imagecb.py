@@ -9,16 +9,22 @@ means.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 import aiohttp
 import requests
-from airflow.providers.http.hooks.http import HttpAsyncHook, HttpHook, SessionConfig
+from airflow.providers.http.hooks.http import HttpAsyncHook, HttpHook
 from airflow.sdk.log import mask_secret
 from asgiref.sync import sync_to_async
-from requests import Session
+from requests import PreparedRequest, Session
+from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError
 
 from imagecb_provider.exceptions import (
@@ -33,6 +39,7 @@ from imagecb_provider.hooks.protocol import (
     CREDIT_PATH,
     DEFAULT_BASE_URL,
     DEFAULT_RETRY_POLICY,
+    DEFAULT_SUBMISSIONS_PER_10S,
     DEFAULT_TIMEOUT,
     DOWNLOAD_URL_PATH,
     GENERATE_PATH,
@@ -67,6 +74,7 @@ class ImageCbConnectionSettings:
     callback_base_url: str | None = None
     webhook_hmac_key: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
+    submissions_per_10s: float = DEFAULT_SUBMISSIONS_PER_10S
 
     @classmethod
     def from_connection(cls, conn: Any) -> ImageCbConnectionSettings:
@@ -86,16 +94,32 @@ class ImageCbConnectionSettings:
             api_key=api_key,
             callback_base_url=(extra.get("callback_base_url") or "").rstrip("/") or None,
             webhook_hmac_key=hmac_key,
-            timeout=_timeout(conn.conn_id, extra.get("timeout")),
+            timeout=_positive(conn.conn_id, "timeout", extra.get("timeout"), DEFAULT_TIMEOUT),
+            submissions_per_10s=_positive(
+                conn.conn_id,
+                "submissions_per_10s",
+                extra.get("submissions_per_10s"),
+                DEFAULT_SUBMISSIONS_PER_10S,
+            ),
         )
 
     def headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self.api_key}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
+        """Every header a call sends but the key (that one travels through :class:`BearerAuth`)."""
+        return {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": USER_AGENT}
+
+    def auth_header(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+class BearerAuth(AuthBase):
+    """Put the API key on each request as it is sent, so no hook attribute changes per call."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def __call__(self, request: PreparedRequest) -> PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._api_key}"
+        return request
 
 
 def _base_url(conn: Any) -> str:
@@ -107,18 +131,19 @@ def _base_url(conn: Any) -> str:
     return f"{host}:{conn.port}" if conn.port else host
 
 
-def _timeout(conn_id: str, value: Any) -> float:
+def _positive(conn_id: str, name: str, value: Any, default: float) -> float:
     if value in (None, ""):
-        return DEFAULT_TIMEOUT
+        return default
     try:
-        timeout = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        timeout = -1.0
-    if timeout <= 0:
+        number = -1.0
+    if number <= 0:
         raise ImageCbConfigurationError(
-            f"Connection {conn_id!r} has extra timeout={value!r}: it must be a positive number of seconds"
+            f"Connection {conn_id!r} has extra {name}={value!r}: it must be a positive number; "
+            f"leave it out for the default ({default:g})"
         )
-    return timeout
+    return number
 
 
 def _without_query(url: str) -> str:
@@ -138,8 +163,13 @@ class ImageCbHook(HttpHook):
     """
     Talk to the image API from a worker.
 
+    Calls are stateless: each builds its own request, with the key added by :class:`BearerAuth`
+    and a session per thread, so one hook may serve a pool of download threads.
+
     :param imagecb_conn_id: the ``imagecb`` connection: host = base URL (empty means
-        ``https://api.kie.ai``), password = API key, extra ``timeout`` in seconds.
+        ``https://api.kie.ai``), password = API key, extras ``timeout`` (seconds per request),
+        ``submissions_per_10s`` (the account's rate limit), ``callback_base_url`` and
+        ``webhook_hmac_key`` (callback mode).
     :param retry_policy: how transient errors (429, 455, 5xx, network) are retried.
     """
 
@@ -155,6 +185,7 @@ class ImageCbHook(HttpHook):
         super().__init__(method="GET", http_conn_id=imagecb_conn_id)
         self.imagecb_conn_id = imagecb_conn_id
         self.retry_policy = retry_policy
+        self._sessions = threading.local()
 
     @cached_property
     def settings(self) -> ImageCbConnectionSettings:
@@ -170,13 +201,19 @@ class ImageCbHook(HttpHook):
         the webhook HMAC key to the API; this hook sets its headers itself instead.
         """
         settings = self.settings
-        self.base_url = settings.base_url
-        self._base_url_initialized = True
-        self.merged_extra = {"timeout": settings.timeout, "check_response": False}
         session = Session()
         session.headers.update(settings.headers())
         session.headers.update(headers or {})
-        return self._configure_session_from_mount_adapters(session)
+        session.auth = BearerAuth(settings.api_key)
+        session.mount("http://", self.keep_alive_adapter)
+        session.mount("https://", self.keep_alive_adapter)
+        return session
+
+    def _session(self) -> Session:
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = self.get_conn()
+        return session
 
     # ----------------------------------------------------------------------- API calls
     def submit(self, request: GenerationRequest) -> str:
@@ -263,9 +300,11 @@ class ImageCbHook(HttpHook):
     def _request_once(
         self, method: str, endpoint: str, params: dict | None, json: dict | None, idempotent: bool
     ) -> Any:
-        self.method = method
+        url = self.settings.base_url + endpoint
         try:
-            response = self.run(endpoint, data=params, json=json)
+            response = self._session().request(
+                method, url, params=params, json=json, timeout=self.settings.timeout
+            )
         except requests.RequestException as error:
             if idempotent or _never_reached_server(error):
                 raise ImageCbConnectionError(
@@ -279,12 +318,51 @@ class ImageCbHook(HttpHook):
         return parse_envelope(response.status_code, response.content, response.headers, endpoint)
 
 
+class _SharedSessions:
+    """
+    One ``aiohttp`` session per event loop, shared by the async hooks of every trigger in it.
+
+    A triggerer runs all its triggers in one loop: a thousand waits then reuse a few pooled
+    connections instead of opening one per status call. A trigger holds the session while it
+    runs (:meth:`use`); the last one out closes it. A call outside any ``use`` gets its own
+    one-off session.
+    """
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[aiohttp.ClientSession]:
+        loop = asyncio.get_running_loop()
+        held = self._by_loop.get(loop)
+        if held is None or held[0].closed:
+            held = self._by_loop[loop] = [aiohttp.ClientSession(trust_env=False), 0]
+        held[1] += 1
+        try:
+            yield held[0]
+        finally:
+            held[1] -= 1
+            if held[1] == 0:
+                self._by_loop.pop(loop, None)
+                await held[0].close()
+
+    def current(self) -> aiohttp.ClientSession | None:
+        held = self._by_loop.get(asyncio.get_running_loop())
+        return held[0] if held is not None and not held[0].closed else None
+
+
+SHARED_SESSIONS = _SharedSessions()
+
+
 class ImageCbAsyncHook(HttpAsyncHook):
     """
     The async twin of :class:`ImageCbHook` for triggers: same connection, answers and retries.
 
     The connection is read in a worker thread (``sync_to_async``): ``aget_connection`` cannot
-    read connections stored in the database under ``airflow dags test``.
+    read connections stored in the database under ``airflow dags test``. Requests go through
+    the event loop's shared session.
     """
 
     conn_name_attr = "imagecb_conn_id"
@@ -307,17 +385,6 @@ class ImageCbAsyncHook(HttpAsyncHook):
             self._settings = ImageCbConnectionSettings.from_connection(conn)
         return self._settings
 
-    async def config(self) -> SessionConfig:
-        """Session settings without the connection extras (see :meth:`ImageCbHook.get_conn`)."""
-        if self._config is None:
-            settings = await self.settings()
-            self._config = SessionConfig(
-                base_url=settings.base_url,
-                headers=settings.headers(),
-                extra_options={"timeout": aiohttp.ClientTimeout(total=settings.timeout)},
-            )
-        return self._config
-
     async def get_task(self, task_id: str) -> TaskRecord:
         """The task's current record; transient errors are retried without blocking the loop."""
         retrying = self.retry_policy.async_retrying(RETRYABLE_ERRORS)
@@ -325,14 +392,22 @@ class ImageCbAsyncHook(HttpAsyncHook):
         return TaskRecord.from_record_info(data)
 
     async def _request_once(self, method: str, endpoint: str, params: dict | None = None) -> Any:
-        async with self.session(method) as http:
-            try:
-                response = await http.run(
-                    endpoint=endpoint, data=params, extra_options={"check_response": False}
+        settings = await self.settings()
+        try:
+            async with AsyncExitStack() as stack:
+                session = SHARED_SESSIONS.current() or await stack.enter_async_context(SHARED_SESSIONS.use())
+                response = await stack.enter_async_context(
+                    session.request(
+                        method,
+                        settings.base_url + endpoint,
+                        params=params,
+                        headers={**settings.headers(), **settings.auth_header()},
+                        timeout=aiohttp.ClientTimeout(total=settings.timeout),
+                    )
                 )
                 body = await response.read()
-            except (TimeoutError, aiohttp.ClientError) as error:
-                raise ImageCbConnectionError(
-                    f"Could not reach the imagecb API on {endpoint}: {type(error).__name__}: {error}"
-                ) from error
+        except (TimeoutError, aiohttp.ClientError) as error:
+            raise ImageCbConnectionError(
+                f"Could not reach the imagecb API on {endpoint}: {type(error).__name__}: {error}"
+            ) from error
         return parse_envelope(response.status, body, response.headers, endpoint)

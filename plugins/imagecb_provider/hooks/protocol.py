@@ -39,6 +39,8 @@ from imagecb_provider.exceptions import (
 
 DEFAULT_BASE_URL = "https://api.kie.ai"
 DEFAULT_TIMEOUT = 30.0
+#: The vendor's documented account limit: about 20 new generation requests per 10 seconds.
+DEFAULT_SUBMISSIONS_PER_10S = 20.0
 
 GENERATE_PATH = "/api/v1/flux/kontext/generate"
 RECORD_INFO_PATH = "/api/v1/flux/kontext/record-info"

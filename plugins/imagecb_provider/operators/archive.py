@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from imagecb_provider.batch.archive import MANIFEST_NAME, ArchivedFile, ArchiveStore, storage_path
-from imagecb_provider.batch.prompts import request_key
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
-from imagecb_provider.models import Outcome
+from imagecb_provider.models import Outcome, request_key
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -37,11 +36,18 @@ class ImageArchiveOperator(BaseOperator):
     :param storage_conn_id: the Airflow connection for the destination (S3, GCS); none for local.
     :param keep_origin: also keep the origin image (as ``<task id>.origin.<ext>``).
     :param max_concurrency: parallel downloads.
+    :param group_label: what this task works on, for the UI (``map_index_template="{{ task.group_label }}"``).
     :return: the successful results, each with ``files``: path, sha256, bytes, content_type,
         source (``result`` or ``origin``) and ``fetched_via``. A single result in, a single out.
     """
 
-    template_fields: Sequence[str] = ("results", "destination", "storage_conn_id", "imagecb_conn_id")
+    template_fields: Sequence[str] = (
+        "results",
+        "destination",
+        "storage_conn_id",
+        "imagecb_conn_id",
+        "group_label",
+    )
     template_fields_renderers = {"results": "json"}
     ui_color = "#d9f2e6"
 
@@ -55,6 +61,7 @@ class ImageArchiveOperator(BaseOperator):
         keep_origin: bool = True,
         max_concurrency: int = 4,
         manifest_name: str = MANIFEST_NAME,
+        group_label: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -67,6 +74,7 @@ class ImageArchiveOperator(BaseOperator):
         self.keep_origin = keep_origin
         self.max_concurrency = max_concurrency
         self.manifest_name = manifest_name
+        self.group_label = group_label
 
     @cached_property
     def store(self) -> ArchiveStore:
@@ -82,12 +90,20 @@ class ImageArchiveOperator(BaseOperator):
         self.log.info(
             "Archiving %d successful result(s) of %d into %s", len(successes), len(results), self.destination
         )
+        kept = self.store.kept()
         jobs = [job for result in successes for job in self._jobs(result)]
+        todo = [job for job in jobs if (job["remote_task_id"], job["source"]) not in kept]
+        # The hook's calls are stateless (a session per thread), so the threads share it.
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            files = list(pool.map(lambda job: self.store.keep(**job), jobs))
-        added = self.store.record(files)
+            fetched = list(pool.map(lambda job: self.store.keep(**job), todo))
+        added = self.store.record(fetched)
+        files = fetched + [kept[(j["remote_task_id"], j["source"])] for j in jobs if j not in todo]
         self.log.info(
-            "Kept %d file(s); %d new manifest line(s) in %s", len(files), added, self.store.manifest.path
+            "Kept %d file(s) (%d already in the manifest); %d new manifest line(s) in %s",
+            len(files),
+            len(jobs) - len(todo),
+            added,
+            self.store.manifest.path,
         )
         archived = [self._with_files(result, files) for result in successes]
         return archived[0] if single and archived else (None if single else archived)

@@ -1,70 +1,83 @@
 """
-``ImageGenerateOperator``: submit one image and wait for it, without ever paying for it twice.
+Generate images and wait for them, without ever paying for one twice.
 
-The remote task id is written to Airflow's ``task_state_store`` before the wait starts. A later
-try of the same task instance (after a worker crash, a triggerer restart or a timeout) finds it
-there and reconnects instead of submitting again; only a stored task that failed, or one whose
-try already finished (a rerun cleared from the UI asks for a new image), leads to a new
-submission.
+``ImageGenerateOperator`` makes one image; ``ImageBatchGenerateOperator`` makes a list of them
+in one task: it submits every request (paced under the account's rate limit) and defers once, to
+one trigger that watches all of them, so a batch costs a few task runs per group of images
+instead of several per image. Both record each submission in ``task_state_store`` before the
+wait; see :mod:`imagecb_provider.utils.generation` for what a retry or a cleared rerun does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from imagecb_provider.exceptions import InvalidGenerationRequest
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
 from imagecb_provider.models import GenerationRequest, Outcome
-from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL, EVENT_DONE, task_event
-from imagecb_provider.utils.waiting import ImageTaskWaitMixin, check_failure_mode, check_positive
+from imagecb_provider.utils.generation import GenerationMixin
+from imagecb_provider.utils.waiting import (
+    ImageTaskWaitMixin,
+    check_failure_mode,
+    check_positive,
+    check_wait_mode,
+    default_poll_interval,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
-#: ``task_state_store`` key; renaming it would orphan the remote tasks of in-flight retries.
-STATE_KEY = "imagecb_submission"
-
-#: Every request field is an operator argument of the same name.
+#: Every request field is an argument of ``ImageGenerateOperator`` with the same name.
 _REQUEST_ARGS = GenerationRequest.field_names()
 
 
-class SubmissionLedger:
-    """
-    The task instance's record of its remote submission, kept in ``task_state_store``.
+class _GenerateBase(GenerationMixin, ImageTaskWaitMixin, BaseOperator):
+    """The waiting arguments both generate operators share (see their docstrings)."""
 
-    Keyed by (run, task, map index), so a value written in try 1 is read in try 2. Where the
-    store is absent the ledger is a no-op and the operator warns that a retry will submit anew.
-    """
+    operator_extra_links = (GeneratedImageLink(),)
+    #: A batch rerun keeps what succeeded; a single image cleared from the UI is made anew.
+    reuse_successes = False
 
-    def __init__(self, context: Context) -> None:
-        self._store = context.get("task_state_store")
+    def __init__(
+        self,
+        *,
+        imagecb_conn_id: str = DEFAULT_CONN_ID,
+        deferrable: bool = True,
+        wait_mode: str = "poll",
+        poll_interval: float | str | None = None,
+        timeout: float | timedelta | str = DEFAULT_TIMEOUT,
+        failure_mode: str = "raise",
+        resubmit_outcomes: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.imagecb_conn_id = imagecb_conn_id
+        self.deferrable = deferrable
+        self.wait_mode = wait_mode if _is_templated(wait_mode) else check_wait_mode(wait_mode)
+        if poll_interval is None:
+            poll_interval = default_poll_interval(wait_mode)
+        # Both may come from DAG params ("{{ params.poll_interval }}"): checked now when literal,
+        # else after rendering.
+        self.poll_interval = (
+            poll_interval if _is_templated(poll_interval) else check_positive("poll_interval", poll_interval)
+        )
+        self.timeout = timeout if _is_templated(timeout) else check_positive("timeout", timeout)
+        self.failure_mode = check_failure_mode(failure_mode)
+        self.resubmit_outcomes = _check_outcomes(resubmit_outcomes)
 
-    @property
-    def available(self) -> bool:
-        return self._store is not None
-
-    def load(self) -> dict[str, Any] | None:
-        entry = self._store.get(STATE_KEY) if self._store is not None else None
-        return dict(entry) if isinstance(entry, Mapping) else None
-
-    def save(self, entry: dict[str, Any]) -> None:
-        if self._store is not None:
-            self._store.set(STATE_KEY, entry)
-
-    def finish(self) -> None:
-        """Mark the submission as settled by a finished try: the next run makes a new image."""
-        entry = self.load()
-        if entry is not None and not entry.get("finished"):
-            self.save({**entry, "finished": True})
+    @cached_property
+    def hook(self) -> ImageCbHook:
+        return ImageCbHook(imagecb_conn_id=self.imagecb_conn_id)
 
 
-class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
+class ImageGenerateOperator(_GenerateBase):
     """
     Generate (or edit) one image and return its result.
 
@@ -77,14 +90,21 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
     :param request: request fields as a mapping of snake_case keys.
     :param imagecb_conn_id: the ``imagecb`` connection.
     :param deferrable: wait in the triggerer (default) instead of holding a worker slot.
-    :param poll_interval: seconds between status calls (default 30, the vendor's advice).
-    :param timeout: how long one try waits before failing with ``ImageTaskTimeout`` (retryable:
-        the retry reconnects to the same remote task).
+    :param wait_mode: ``"poll"`` (status calls every ``poll_interval``) or ``"callback"`` (woken
+        by the vendor's callback through the receiver on the API server; polling every
+        ``poll_interval`` only as a safety net). Callback mode needs the connection extra
+        ``callback_base_url``.
+    :param poll_interval: seconds between status calls (default 30 when polling, 300 in callback
+        mode).
+    :param timeout: how long one try waits before its outcome is ``timeout`` (retryable: the
+        retry reconnects to the same remote task).
     :param failure_mode: ``"raise"`` maps failed outcomes to exceptions; ``"return"`` returns the
         result whatever the outcome, for a downstream branch.
+    :param resubmit_outcomes: outcomes (e.g. ``["internal_error"]``) after which the request is
+        submitted once more within the same try.
     :param wait_for_completion: ``False`` submits only and returns the remote task id, for an
         ``ImageTaskSensor`` downstream.
-    :return: the result dict (see DESIGN.md), or the remote task id without waiting.
+    :return: the result dict, or the remote task id without waiting.
     """
 
     template_fields: Sequence[str] = (
@@ -93,9 +113,9 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
         "imagecb_conn_id",
         "poll_interval",
         "timeout",
+        "wait_mode",
     )
     template_fields_renderers = {"request": "json", "prompt": "md"}
-    operator_extra_links = (GeneratedImageLink(),)
     ui_color = "#f4d9ff"
 
     def __init__(
@@ -113,11 +133,6 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
         callback_url: str | None = None,
         safety_tolerance: int | None = None,
         watermark: str | None = None,
-        imagecb_conn_id: str = DEFAULT_CONN_ID,
-        deferrable: bool = True,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
-        timeout: float | timedelta = DEFAULT_TIMEOUT,
-        failure_mode: str = "raise",
         wait_for_completion: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -134,115 +149,113 @@ class ImageGenerateOperator(ImageTaskWaitMixin, BaseOperator):
         self.callback_url = callback_url
         self.safety_tolerance = safety_tolerance
         self.watermark = watermark
-        self.imagecb_conn_id = imagecb_conn_id
-        self.deferrable = deferrable
-        # Both may come from DAG params ("{{ params.poll_interval }}"): checked now when literal,
-        # else after rendering.
-        self.poll_interval = (
-            poll_interval if _is_templated(poll_interval) else check_positive("poll_interval", poll_interval)
-        )
-        self.timeout = timeout if _is_templated(timeout) else check_positive("timeout", timeout)
-        self.failure_mode = check_failure_mode(failure_mode)
         self.wait_for_completion = wait_for_completion
         if not _is_templated({"request": request, **{name: getattr(self, name) for name in _REQUEST_ARGS}}):
-            self.generation_request()  # a bad literal fails the DAG import, long before any credit
+            self.generation_requests()  # a bad literal fails the DAG import, long before any credit
 
-    # ----------------------------------------------------------------------- request
-    def _request_fields(self) -> dict[str, Any]:
+    def generation_requests(self) -> list[GenerationRequest]:
+        """The one validated request built from the (rendered) arguments."""
         explicit = {name: getattr(self, name) for name in _REQUEST_ARGS if getattr(self, name) is not None}
-        return {**dict(self.request or {}), **explicit}
+        return [GenerationRequest.from_dict({**dict(self.request or {}), **explicit})]
 
-    def generation_request(self) -> GenerationRequest:
-        """The validated request built from the (rendered) arguments."""
-        return GenerationRequest.from_dict(self._request_fields())
-
-    @cached_property
-    def hook(self) -> ImageCbHook:
-        return ImageCbHook(imagecb_conn_id=self.imagecb_conn_id)
-
-    # ----------------------------------------------------------------------- execute
     def execute(self, context: Context) -> Any:
-        request = self.generation_request()
-        ledger = SubmissionLedger(context)
-        if not ledger.available:
-            self.log.warning(
-                "task_state_store is not available: a retry of this task cannot reconnect to the "
-                "image already submitted and will submit (and pay for) a new one"
-            )
-        submission = ledger.load()
-        if submission and not submission.get("finished"):
-            if not self.wait_for_completion:
-                self.log.info(
-                    "Image task %s was already submitted by an earlier try", submission["remote_task_id"]
-                )
-                ledger.finish()
-                return submission["remote_task_id"]
-            resumed = self._resume(context, submission, ledger)
-            if resumed is not None:
-                return resumed
-        submission = self._submit(request, ledger)
         if not self.wait_for_completion:
-            ledger.finish()
-            return submission["remote_task_id"]
-        return self._wait(context, submission)
+            entry = self.generate(context, submit=False)
+            return entry.slots[0].remote_task_id
+        return self.generate(context)
 
-    def _wait(self, context: Context, submission: dict[str, Any]) -> Any:
-        return self.wait_for_remote_task(
-            context,
-            submission,
-            poll_interval=check_positive("poll_interval", self.poll_interval),
-            timeout=check_positive("timeout", self.timeout),
-        )
+    def present(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """One request, one result."""
+        return results[0]
 
-    def _submit(self, request: GenerationRequest, ledger: SubmissionLedger) -> dict[str, Any]:
-        remote_task_id = self.hook.submit(request)
-        submission = {
-            "remote_task_id": remote_task_id,
-            "request": request.to_payload(include_callback=False),
-            "submitted_at": datetime.now(UTC).isoformat(),
-            "polls": 0,
-            "finished": False,
-        }
-        ledger.save(submission)
-        self.log.info("Submitted %r as image task %s", _shorten(request.prompt), remote_task_id)
-        return submission
 
-    def _resume(self, context: Context, submission: dict[str, Any], ledger: SubmissionLedger) -> Any:
-        """Reconnect to the stored remote task; ``None`` means it failed and a new one is needed."""
-        remote_task_id = submission["remote_task_id"]
-        record = self.hook.get_task(remote_task_id)
-        submission = {**submission, "polls": int(submission.get("polls", 0)) + 1}
-        ledger.save(submission)
-        if not record.is_terminal:
-            self.log.info(
-                "Reconnecting to image task %s, submitted by an earlier try; still generating", remote_task_id
+class ImageBatchGenerateOperator(_GenerateBase):
+    """
+    Generate a list of images in one task and return one result per request, in order.
+
+    It submits every request, paced under the account's rate limit (the connection extra
+    ``submissions_per_10s``), records each in ``task_state_store``, and defers once to one
+    trigger that waits for all of them. Each result is exactly what ``ImageGenerateOperator``
+    returns, plus ``earlier`` (the remote tasks replaced by a resubmission). Put every task that
+    submits in one pool of a single slot (``imagecb_submissions``), so the account's limit holds
+    across tasks; a deferred task does not hold its pool slot.
+
+    A retry reconnects to every stored remote task; a rerun cleared from the UI submits anew only
+    the requests that did not succeed (successes are reused, timeouts reconnected to).
+
+    :param requests: the requests, each a mapping of snake_case request fields (templated).
+    :param group_label: what this group works on, for the UI (e.g. ``"lines 2-51"``); use it as the
+        mapped instance's name with ``map_index_template="{{ task.group_label }}"``.
+    :param imagecb_conn_id: the ``imagecb`` connection.
+    :param deferrable: wait in the triggerer (default) instead of holding a worker slot.
+    :param wait_mode: ``"poll"`` or ``"callback"``, as for ``ImageGenerateOperator``.
+    :param poll_interval: seconds between status calls of each image (default 30; 300 in
+        callback mode).
+    :param timeout: how long one wait lasts; images still generating then end with ``timeout``.
+    :param failure_mode: ``"raise"`` fails the task when an image failed (a retryable outcome wins,
+        so Airflow retries, and the retry resubmits only the failed ones); ``"return"`` returns
+        every result, for routing downstream.
+    :param resubmit_outcomes: outcomes after which a request is submitted once more within the
+        same try (the batch DAG uses ``internal_error`` and ``generation_failed``).
+    :return: the list of result dicts, in request order.
+    """
+
+    template_fields: Sequence[str] = (
+        "requests",
+        "group_label",
+        "imagecb_conn_id",
+        "poll_interval",
+        "timeout",
+        "wait_mode",
+    )
+    template_fields_renderers = {"requests": "json"}
+    ui_color = "#ecd2ff"
+    reuse_successes = True
+
+    def __init__(
+        self,
+        *,
+        requests: Sequence[Mapping[str, Any]] | str,
+        group_label: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.requests = requests
+        self.group_label = group_label
+        if not _is_templated(requests):
+            self.generation_requests()
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        """Every request, validated; a bad one is named by its position and field."""
+        if isinstance(self.requests, str | bytes) or not isinstance(self.requests, Sequence):
+            raise InvalidGenerationRequest(
+                "requests", self.requests, "must be a list of request mappings (snake_case fields)"
             )
-            return self._wait(context, submission)
-        if record.outcome == Outcome.SUCCESS:
-            self.log.info(
-                "Image task %s, submitted by an earlier try, already succeeded: no new submission",
-                remote_task_id,
-            )
-            event = task_event(
-                EVENT_DONE, remote_task_id=remote_task_id, polls=0, record=record, submission=submission
-            )
-            return self.execute_complete(context, event)
-        self.log.warning(
-            "Image task %s from an earlier try ended with %s: submitting a new one",
-            remote_task_id,
-            record.outcome,
-        )
-        return None
+        validated = []
+        for position, fields in enumerate(self.requests):
+            if not isinstance(fields, Mapping):
+                raise InvalidGenerationRequest(f"requests[{position}]", fields, "must be a mapping of fields")
+            try:
+                validated.append(GenerationRequest.from_dict(fields))
+            except InvalidGenerationRequest as error:
+                raise InvalidGenerationRequest(
+                    f"requests[{position}].{error.field}", error.value, error.allowed
+                ) from None
+        return validated
 
-    # ------------------------------------------------------------------ durable hooks
-    def on_settled(self, context: Context, result: dict[str, Any]) -> None:
-        # A timeout that will be retried keeps the submission open, so the retry reconnects.
-        if result["outcome"] != Outcome.TIMEOUT or self.failure_mode == "return":
-            SubmissionLedger(context).finish()
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        return self.generate(context)
 
-    def on_remote_task_error(self, context: Context, event: dict[str, Any]) -> None:
-        if event.get("code") == 404:  # the remote task is gone: nothing left to reconnect to
-            SubmissionLedger(context).finish()
+    def present(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return results
+
+
+def _check_outcomes(outcomes: Sequence[str]) -> tuple[str, ...]:
+    known = {o.value for o in Outcome} - {Outcome.SUCCESS.value}
+    bad = [o for o in outcomes if o not in known]
+    if bad or isinstance(outcomes, str):
+        raise ValueError(f"resubmit_outcomes={outcomes!r}: must be a list of {', '.join(sorted(known))}")
+    return tuple(outcomes)
 
 
 def _is_templated(value: Any) -> bool:
@@ -251,8 +264,6 @@ def _is_templated(value: Any) -> bool:
         return "{{" in value or "{%" in value
     if isinstance(value, Mapping):
         return any(_is_templated(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_is_templated(item) for item in value)
     return not isinstance(value, int | float | bool | timedelta | type(None))
-
-
-def _shorten(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."

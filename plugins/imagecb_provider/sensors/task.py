@@ -17,8 +17,16 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
-from imagecb_provider.triggers.task import DEFAULT_POLL_INTERVAL, EVENT_DONE, task_event
-from imagecb_provider.utils.waiting import ImageTaskWaitMixin, check_failure_mode, check_positive
+from imagecb_provider.models import Outcome, TaskRecord, build_result
+from imagecb_provider.triggers.task import EVENT_ERROR
+from imagecb_provider.utils.waiting import (
+    ImageTaskWaitMixin,
+    check_failure_mode,
+    check_positive,
+    check_wait_mode,
+    default_poll_interval,
+    error_from_event,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -32,10 +40,13 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
 
     :param remote_task_id: the API's task id (templated, e.g. an upstream XCom).
     :param imagecb_conn_id: the ``imagecb`` connection.
-    :param poke_interval: seconds between status calls (default 30).
+    :param poke_interval: seconds between status calls (default 30; 300 in callback mode, where
+        polling is only the safety net).
     :param timeout: how long to wait (default 30 minutes).
     :param deferrable: wait in the triggerer (default); otherwise ``mode`` (``poke`` or
         ``reschedule``) decides how the worker waits.
+    :param wait_mode: ``"poll"`` or ``"callback"`` (woken by the callback the submitter asked
+        for; deferrable only).
     :param failure_mode: ``"raise"`` or ``"return"``, as for ``ImageGenerateOperator``.
     """
 
@@ -48,12 +59,16 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
         *,
         remote_task_id: str,
         imagecb_conn_id: str = DEFAULT_CONN_ID,
-        poke_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
+        poke_interval: float | timedelta | None = None,
         timeout: float | timedelta = DEFAULT_TIMEOUT,
         deferrable: bool = True,
+        wait_mode: str = "poll",
         failure_mode: str = "raise",
         **kwargs: Any,
     ) -> None:
+        wait_mode = check_wait_mode(wait_mode)
+        if poke_interval is None:
+            poke_interval = default_poll_interval(wait_mode)
         super().__init__(
             poke_interval=check_positive("poke_interval", poke_interval),
             timeout=check_positive("timeout", timeout),
@@ -62,6 +77,7 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
         self.remote_task_id = remote_task_id
         self.imagecb_conn_id = imagecb_conn_id
         self.deferrable = deferrable
+        self.wait_mode = wait_mode
         self.failure_mode = check_failure_mode(failure_mode)
         self._polls = 0
 
@@ -72,8 +88,11 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
             return super().execute(context)
-        return self.wait_for_remote_task(
-            context, self._submission(), poll_interval=float(self.poke_interval), timeout=float(self.timeout)
+        return self.wait_for_remote_tasks(
+            context,
+            [self.remote_task_id],
+            poll_interval=float(self.poke_interval),
+            timeout=float(self.timeout),
         )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
@@ -84,20 +103,27 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
         )
         if not record.is_terminal:
             return False
-        event = task_event(
-            EVENT_DONE,
-            remote_task_id=self.remote_task_id,
-            polls=self._polls,
-            record=record,
-            submission=self._submission(),
-        )
-        return PokeReturnValue(is_done=True, xcom_value=self.execute_complete(context, event))
+        return PokeReturnValue(is_done=True, xcom_value=self._settle(record, self._polls, "poll"))
 
-    def _submission(self, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """What the result needs about the submission; the sensor only knows what the record tells."""
-        return {
-            "remote_task_id": self.remote_task_id,
-            "request": params or {},
-            "submitted_at": None,
-            "polls": 0,
-        }
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger fired: return the result or raise by outcome."""
+        if event["status"] == EVENT_ERROR:
+            raise error_from_event(event["error"])
+        data = event["records"].get(self.remote_task_id)
+        record = TaskRecord.from_dict(data) if data else None
+        via = event["via"].get(self.remote_task_id, "poll")
+        return self._settle(record, int(event["polls"].get(self.remote_task_id, 0)), via)
+
+    def _settle(self, record: TaskRecord | None, polls: int, via: str) -> dict[str, Any]:
+        """The result of the ended task (``None``: still generating at the deadline)."""
+        result = build_result(
+            remote_task_id=self.remote_task_id,
+            outcome=record.outcome if record and record.outcome else Outcome.TIMEOUT,
+            record=record,
+            request=record.params if record else {},
+            submitted_at=None,
+            polls=polls,
+            via=via,
+        )
+        self.log_outcome(result)
+        return self.deliver([result])[0]

@@ -1,10 +1,12 @@
 """
-``ImageTaskTrigger``: wait for one remote image task without holding a worker slot.
+``ImageTaskTrigger``: wait for one remote image task, or many, without holding a worker slot.
 
-A thousand of these share one triggerer event loop, so ``run`` only ever awaits: the status call
-goes through :class:`ImageCbAsyncHook` (aiohttp, connection read in a thread) and the wait is
-``asyncio.sleep``. Each poll is jittered so that a batch submitted in one burst does not poll in
-lockstep. The trigger never submits anything: the triggerer may run it twice.
+A thousand waits share one triggerer event loop, so ``run`` only ever awaits: status calls go
+through :class:`ImageCbAsyncHook` (one pooled session per loop) and waits are ``asyncio``
+sleeps. Every remote task is polled on its own schedule, jittered so a batch submitted in one
+burst does not poll in lockstep. In callback mode the vendor's callbacks, relayed by the
+receiver, end each wait within about a second, and polling stays as a slow safety net. The
+trigger never submits anything: the triggerer may run it twice.
 """
 
 from __future__ import annotations
@@ -12,18 +14,25 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from imagecb_provider.exceptions import ImageCbApiError, ImageCbError
-from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbAsyncHook
+from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, SHARED_SESSIONS, ImageCbAsyncHook
 from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS
-from imagecb_provider.models import TaskRecord
+from imagecb_provider.models import TaskRecord, parse_timestamp
 
 DEFAULT_POLL_INTERVAL = 30.0
+#: In callback mode polling is only a safety net for a callback that never comes.
+DEFAULT_SAFETY_POLL_INTERVAL = 300.0
 DEFAULT_JITTER = 0.1
+#: Status calls in flight at once for one trigger (a batch's due polls go out together).
+MAX_CONCURRENT_POLLS = 8
+
+WAIT_MODES = ("poll", "callback")
 
 #: ``status`` values of the single event the trigger fires.
 EVENT_DONE = "done"
@@ -34,134 +43,236 @@ EVENT_ERROR = "error"
 def task_event(
     status: str,
     *,
-    remote_task_id: str,
-    polls: int,
-    record: TaskRecord | None = None,
-    submission: dict[str, Any] | None = None,
+    records: Mapping[str, TaskRecord],
+    polls: Mapping[str, int],
+    via: Mapping[str, str] | None = None,
+    error: dict[str, Any] | None = None,
+    echo: Any = None,
 ) -> dict[str, Any]:
     """
-    The payload of the one event a wait ends with; also built directly by an operator that finds
-    the task already ended, so every ending goes through the same ``execute_complete``.
+    The payload of the one event a wait ends with.
+
+    ``records`` holds the remote tasks that ended (all of them when ``status`` is ``done``),
+    ``polls`` the status calls made per remote task, ``via`` how each ending was learned
+    (``poll`` or ``callback``), ``error`` the API error that ended the wait early, and ``echo``
+    whatever the waiting task handed the trigger to get back.
     """
     return {
         "status": status,
-        "polls": polls,
-        "remote_task_id": remote_task_id,
-        "record": record.to_dict() if record else None,
-        "submission": submission or {},
+        "records": {remote_id: record.to_dict() for remote_id, record in records.items()},
+        "polls": dict(polls),
+        "via": dict(via or {}),
+        "error": error,
+        "echo": echo,
     }
+
+
+def error_details(error: ImageCbError, remote_task_id: str) -> dict[str, Any]:
+    """What an event says about the API error that ended a wait (never the key: messages hold none)."""
+    details: dict[str, Any] = {
+        "remote_task_id": remote_task_id,
+        "message": str(error),
+        "error_type": type(error).__name__,
+    }
+    if isinstance(error, ImageCbApiError):
+        details.update(code=error.code, msg=error.msg, endpoint=error.endpoint)
+    return details
 
 
 class ImageTaskTrigger(BaseTrigger):
     """
-    Poll a remote task every ``poll_interval`` seconds (± ``jitter``) until it ends or ``deadline``.
+    Wait until every remote task in ``remote_task_ids`` has ended, or until ``deadline``.
 
-    Fires exactly one event: ``{"status": "done", "record": ...}`` with the normalized
-    :class:`TaskRecord`, ``{"status": "timeout", ...}`` when the task is still generating at the
-    deadline (an event rather than a raise: a trigger that raises fails the task without
-    retries), or ``{"status": "error", ...}`` for an API error no retry can fix. Transient errors
-    (429, 455, 5xx, network) are ridden out until the deadline. Every event carries ``polls``,
-    the number of status calls made.
+    Fires exactly one event (see :func:`task_event`): ``done`` with every record;
+    ``timeout`` with the records of those that ended when the deadline came (an event rather
+    than a raise: a trigger that raises fails the task without retries); or ``error`` for an
+    API error no retry can fix. Transient errors (429, 455, 5xx, network) are ridden out until
+    the deadline.
 
-    :param remote_task_id: the API's task id.
+    :param remote_task_ids: the API's task ids (``remote_task_id`` takes a single one).
     :param deadline: Unix time after which the wait ends with a timeout event. Absolute, so a
         trigger rebuilt after a triggerer restart keeps the same deadline.
     :param imagecb_conn_id: the ``imagecb`` connection; only its id is held, never the key.
-    :param poll_interval: seconds between status calls (the vendor recommends 30).
+    :param poll_interval: seconds between status calls of one remote task (the vendor
+        recommends 30; in callback mode, the safety-net interval, 300 by default).
     :param jitter: relative spread of each interval (0.1 means ±10 %).
-    :param submission: what the waiting task needs back with the event (remote id, request
-        payload, submission time, polls so far): JSON-safe and free of secrets. It rides in the
-        event because deferral kwargs do not reach ``execute_complete`` under ``dags test``.
+    :param first_poll_at: Unix time of each task's first status call; by default one interval
+        from now. A task reconnected to after a retry is polled at once.
+    :param wait_mode: ``poll``, or ``callback`` to be woken by the vendor's callbacks.
+    :param echo: JSON-safe data handed back in the event, free of secrets (deferral kwargs do
+        not reach ``execute_complete`` under ``dags test``).
     """
 
     def __init__(
         self,
-        remote_task_id: str,
-        deadline: float,
+        remote_task_ids: Iterable[str] | None = None,
+        deadline: float = 0.0,
         imagecb_conn_id: str = DEFAULT_CONN_ID,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         jitter: float = DEFAULT_JITTER,
-        submission: dict[str, Any] | None = None,
+        first_poll_at: Mapping[str, float] | None = None,
+        wait_mode: str = "poll",
+        echo: Any = None,
+        remote_task_id: str | None = None,
     ) -> None:
         super().__init__()
-        self.submission = submission or {}
-        self.remote_task_id = remote_task_id
+        ids = list(remote_task_ids or ()) + ([remote_task_id] if remote_task_id else [])
+        if not ids:
+            raise ValueError("ImageTaskTrigger needs at least one remote task id")
+        if wait_mode not in WAIT_MODES:
+            raise ValueError(f"wait_mode={wait_mode!r}: must be one of {', '.join(WAIT_MODES)}")
+        self.remote_task_ids = list(dict.fromkeys(ids))
         self.deadline = float(deadline)
         self.imagecb_conn_id = imagecb_conn_id
         self.poll_interval = float(poll_interval)
         self.jitter = float(jitter)
+        self.first_poll_at = {k: float(v) for k, v in (first_poll_at or {}).items()}
+        self.wait_mode = wait_mode
+        self.echo = echo
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
-                "remote_task_id": self.remote_task_id,
+                "remote_task_ids": self.remote_task_ids,
                 "deadline": self.deadline,
                 "imagecb_conn_id": self.imagecb_conn_id,
                 "poll_interval": self.poll_interval,
                 "jitter": self.jitter,
-                "submission": self.submission,
+                "first_poll_at": self.first_poll_at,
+                "wait_mode": self.wait_mode,
+                "echo": self.echo,
             },
         )
 
     def _hook(self) -> ImageCbAsyncHook:
         return ImageCbAsyncHook(imagecb_conn_id=self.imagecb_conn_id)
 
-    def _next_wait(self) -> float:
-        spread = random.uniform(1 - self.jitter, 1 + self.jitter)
-        return max(0.0, min(self.poll_interval * spread, self.deadline - time.time()))
+    def _interval(self) -> float:
+        return self.poll_interval * random.uniform(1 - self.jitter, 1 + self.jitter)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self._hook()
-        started = time.monotonic()
-        polls = 0
-        last_state: str | None = None
-        record: TaskRecord | None = None
+        wait = _Wait(self.remote_task_ids, self.first_poll_at, time.time() + self._interval())
         self.log.info(
-            "Waiting for image task %s: a status call every %.3g s (±%.0f %%)",
-            self.remote_task_id,
+            "Waiting for %d image task(s) (%s): a status call every %.3g s (±%.0f %%) per task",
+            len(wait.pending),
+            self.wait_mode,
             self.poll_interval,
             self.jitter * 100,
         )
-        while True:
-            await asyncio.sleep(self._next_wait())
-            polls += 1
-            try:
-                record = await hook.get_task(self.remote_task_id)
-            except RETRYABLE_ERRORS as error:
-                self.log.warning(
-                    "Status call %d for %s failed, will try again: %s", polls, self.remote_task_id, error
-                )
-            except ImageCbError as error:
-                yield TriggerEvent(self._error_event(error, polls))
-                return
-            elapsed = time.monotonic() - started
-            if record is not None and record.state.value != last_state:
-                last_state = record.state.value
-                self.log.info(
-                    "Image task %s is %s (status call %d, %.0f s)",
-                    self.remote_task_id,
-                    last_state,
-                    polls,
-                    elapsed,
-                )
-            if record is not None and record.is_terminal:
-                yield TriggerEvent(self._event(EVENT_DONE, polls, record))
-                return
-            if time.time() >= self.deadline:
-                self.log.warning(
-                    "Image task %s still generating at the deadline (%.0f s)", self.remote_task_id, elapsed
-                )
-                yield TriggerEvent(self._event(EVENT_TIMEOUT, polls, record))
-                return
+        async with SHARED_SESSIONS.use(), self._callbacks(hook) as inbox:
+            while wait.pending:
+                error = await self._poll_due(hook, wait)
+                if error is not None:
+                    yield TriggerEvent(self._event(EVENT_ERROR, wait, error=error))
+                    return
+                if not wait.pending:
+                    break
+                if time.time() >= self.deadline:
+                    self.log.warning(
+                        "%d of %d image task(s) still generating at the deadline",
+                        len(wait.pending),
+                        len(self.remote_task_ids),
+                    )
+                    yield TriggerEvent(self._event(EVENT_TIMEOUT, wait))
+                    return
+                pause = max(0.0, min(wait.next_due(), self.deadline) - time.time())
+                await self._take_callbacks(hook, inbox, wait, pause)
+        self.log.info("All %d image task(s) ended", len(self.remote_task_ids))
+        yield TriggerEvent(self._event(EVENT_DONE, wait))
 
-    def _event(self, status: str, polls: int, record: TaskRecord | None = None) -> dict[str, Any]:
+    async def _poll_due(self, hook: ImageCbAsyncHook, wait: _Wait) -> dict[str, Any] | None:
+        """Poll every task whose time has come; an API error no retry can fix ends the wait."""
+        due = wait.due(time.time())
+        slots = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
+
+        async def poll(remote_task_id: str) -> dict[str, Any] | None:
+            async with slots:
+                wait.polls[remote_task_id] += 1
+                try:
+                    record = await hook.get_task(remote_task_id)
+                except RETRYABLE_ERRORS as error:
+                    self.log.warning("Status call for %s failed, will try again: %s", remote_task_id, error)
+                    record = None
+                except ImageCbError as error:
+                    return error_details(error, remote_task_id)
+            if record is not None and record.is_terminal:
+                self._ended(wait, remote_task_id, record, "poll")
+            else:
+                wait.pending[remote_task_id] = time.time() + self._interval()
+            return None
+
+        errors = [e for e in await asyncio.gather(*(poll(remote_id) for remote_id in due)) if e]
+        return errors[0] if errors else None
+
+    def _ended(self, wait: _Wait, remote_task_id: str, record: TaskRecord, via: str) -> None:
+        if wait.end(remote_task_id, record, via):
+            self.log.info(
+                "Image task %s ended: %s (via %s; %d of %d ended)",
+                remote_task_id,
+                record.outcome,
+                via,
+                len(wait.records),
+                len(self.remote_task_ids),
+            )
+
+    @asynccontextmanager
+    async def _callbacks(self, hook: ImageCbAsyncHook) -> AsyncIterator[Any]:
+        """The callback inbox of the pending tasks (callback mode), or nothing to wait on."""
+        if self.wait_mode != "callback":
+            async with nullcontext() as nothing:
+                yield nothing
+            return
+        from imagecb_provider.callbacks.watcher import CallbackWatcher
+
+        watcher = CallbackWatcher.for_connection(await hook.settings())
+        async with watcher.subscribe(self.remote_task_ids) as inbox:
+            yield inbox
+
+    async def _take_callbacks(self, hook: ImageCbAsyncHook, inbox: Any, wait: _Wait, pause: float) -> None:
+        """Sleep ``pause`` seconds, or until callbacks arrive for pending tasks."""
+        if inbox is None:
+            await asyncio.sleep(pause)
+            return
+        for item in await inbox.get(timeout=pause):
+            remote_task_id = item.get("remote_task_id")
+            if remote_task_id not in wait.pending:
+                continue
+            received_at = parse_timestamp(item.get("received_at"))
+            record = TaskRecord.from_callback(item["body"], received_at=received_at)
+            if not item.get("signed"):
+                # An unsigned callback only says "look now": one status call confirms it.
+                wait.pending[remote_task_id] = 0.0
+                continue
+            if record.is_terminal and record.task_id == remote_task_id:
+                self._ended(wait, remote_task_id, record, "callback")
+
+    def _event(self, status: str, wait: _Wait, *, error: dict[str, Any] | None = None) -> dict[str, Any]:
         return task_event(
-            status, remote_task_id=self.remote_task_id, polls=polls, record=record, submission=self.submission
+            status, records=wait.records, polls=wait.polls, via=wait.via, error=error, echo=self.echo
         )
 
-    def _error_event(self, error: ImageCbError, polls: int) -> dict[str, Any]:
-        event = {**self._event(EVENT_ERROR, polls), "message": str(error), "error_type": type(error).__name__}
-        if isinstance(error, ImageCbApiError):
-            event.update(code=error.code, msg=error.msg, endpoint=error.endpoint)
-        return event
+
+class _Wait:
+    """The state of one wait: when each pending task is next polled, and what has ended."""
+
+    def __init__(self, remote_task_ids: list[str], first_poll_at: Mapping[str, float], default: float):
+        self.pending: dict[str, float] = {i: first_poll_at.get(i, default) for i in remote_task_ids}
+        self.records: dict[str, TaskRecord] = {}
+        self.polls: dict[str, int] = dict.fromkeys(remote_task_ids, 0)
+        self.via: dict[str, str] = {}
+
+    def due(self, now: float) -> list[str]:
+        return [remote_id for remote_id, at in self.pending.items() if at <= now]
+
+    def next_due(self) -> float:
+        return min(self.pending.values())
+
+    def end(self, remote_task_id: str, record: TaskRecord, via: str) -> bool:
+        """Record an ending; ``False`` when that task had already ended (a duplicate)."""
+        if self.pending.pop(remote_task_id, None) is None:
+            return False
+        self.records[remote_task_id] = record
+        self.via[remote_task_id] = via
+        return True

@@ -1,28 +1,51 @@
 """
-What the generate operator and the task sensor share: waiting for a remote task (deferred to
-:class:`ImageTaskTrigger`, or the same trigger run inline in the worker) and turning the wait's
-single event into the result dict and, with ``failure_mode="raise"``, into an exception.
+What the generate operators and the task sensor share: waiting for remote tasks (deferred to
+:class:`ImageTaskTrigger`, or the same trigger run inline in the worker), checking the waiting
+arguments, and turning outcomes into the returned results or, with ``failure_mode="raise"``,
+into the outcome's exception.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from logging import Logger
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imagecb_provider.exceptions import OUTCOME_ERRORS, ImageCbError
 from imagecb_provider.hooks.protocol import error_for
-from imagecb_provider.models import Outcome, TaskRecord, build_result, parse_timestamp
-from imagecb_provider.triggers.task import EVENT_DONE, EVENT_ERROR, ImageTaskTrigger
+from imagecb_provider.models import Outcome, parse_timestamp
+from imagecb_provider.triggers.task import (
+    DEFAULT_POLL_INTERVAL,
+    DEFAULT_SAFETY_POLL_INTERVAL,
+    WAIT_MODES,
+    ImageTaskTrigger,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+    from airflow.triggers.base import BaseTrigger
 
 FAILURE_MODES = ("raise", "return")
 #: How long past its own deadline the trigger may run before Airflow's deferral timeout fires:
 #: the trigger's timeout event is the normal path (it is retryable); Airflow's is the backstop.
 DEFERRAL_GRACE = 120.0
+#: Outcomes whose error a retry may fix; the others fail the task at once.
+RETRYABLE_OUTCOMES = frozenset({Outcome.INTERNAL_ERROR, Outcome.GENERATION_FAILED, Outcome.TIMEOUT})
+
+
+class WaitingTask(Protocol):
+    """What :class:`ImageTaskWaitMixin` needs of the operator it is mixed into."""
+
+    imagecb_conn_id: str
+    deferrable: bool
+    failure_mode: str
+    wait_mode: str
+    log: Logger
+
+    def defer(self, *, trigger: BaseTrigger, method_name: str, timeout: timedelta | None = None) -> None: ...
 
 
 def check_positive(name: str, value: float | str | timedelta) -> float:
@@ -36,12 +59,34 @@ def check_positive(name: str, value: float | str | timedelta) -> float:
     return seconds
 
 
-def check_failure_mode(value: str) -> str:
-    if value not in FAILURE_MODES:
-        raise ValueError(
-            f"failure_mode={value!r}: must be 'raise' (fail the task) or 'return' (return the result)"
-        )
+def check_choice(name: str, value: str, choices: Sequence[str], meaning: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: must be {meaning}")
     return value
+
+
+def check_failure_mode(value: str) -> str:
+    return check_choice(
+        "failure_mode", value, FAILURE_MODES, "'raise' (fail the task) or 'return' (return the result)"
+    )
+
+
+def check_wait_mode(value: str) -> str:
+    return check_choice(
+        "wait_mode", value, WAIT_MODES, "'poll' (status calls) or 'callback' (woken by the vendor's callback)"
+    )
+
+
+def default_poll_interval(wait_mode: str) -> float:
+    """30 s when polling; 5 minutes when polling is only the safety net of callback mode."""
+    return DEFAULT_SAFETY_POLL_INTERVAL if wait_mode == "callback" else DEFAULT_POLL_INTERVAL
+
+
+def error_from_event(details: Mapping[str, Any]) -> ImageCbError:
+    """Rebuild the API error a trigger reported, so it fails (or retries) the task as it would have."""
+    if details.get("code") is not None:
+        return error_for(int(details["code"]), details.get("msg") or "", details.get("endpoint") or "")
+    return ImageCbError(details.get("message") or "the image task trigger reported an error")
 
 
 async def _first_event(trigger: ImageTaskTrigger) -> dict[str, Any]:
@@ -50,93 +95,83 @@ async def _first_event(trigger: ImageTaskTrigger) -> dict[str, Any]:
     raise ImageCbError("the image task trigger ended without an event")  # pragma: no cover
 
 
-def error_from_event(event: dict[str, Any]) -> ImageCbError:
-    """Rebuild the API error a trigger reported, so it fails (or retries) the task as it would have."""
-    if event.get("code") is not None:
-        return error_for(int(event["code"]), event.get("msg") or "", event.get("endpoint") or "")
-    return ImageCbError(event.get("message") or "the image task trigger reported an error")
-
-
 class ImageTaskWaitMixin:
-    """
-    Wait for a remote task and settle its outcome; used by operators with these attributes:
-    ``imagecb_conn_id``, ``deferrable``, ``failure_mode`` and ``log``.
-    """
+    """Wait for remote tasks in the triggerer (or inline) and deliver outcomes."""
 
-    imagecb_conn_id: str
-    deferrable: bool
-    failure_mode: str
-
-    def wait_for_remote_task(
-        self, context: Context, submission: dict[str, Any], *, poll_interval: float, timeout: float
+    def wait_for_remote_tasks(
+        self: WaitingTask,
+        context: Context,
+        remote_task_ids: Sequence[str],
+        *,
+        poll_interval: float,
+        timeout: float,
+        first_poll_at: Mapping[str, float] | None = None,
+        echo: Any = None,
     ) -> Any:
         """
-        Defer to the trigger (or run it inline) and finish in :meth:`execute_complete`.
+        Defer to :class:`ImageTaskTrigger` (or run it inline) and finish in ``execute_complete``.
 
-        ``submission`` describes what was sent (``remote_task_id``, ``request``,
-        ``submitted_at``, ``polls`` so far); the trigger hands it back in its event, so the
-        result can be built after the deferral even without ``task_state_store``.
+        :param remote_task_ids: the remote tasks to wait for, together.
+        :param poll_interval: seconds between status calls of one task.
+        :param timeout: seconds from now until the wait ends with a timeout event.
+        :param first_poll_at: Unix time of each task's first status call (default: one interval).
+        :param echo: JSON-safe data the event hands back to ``execute_complete``.
         """
         trigger = ImageTaskTrigger(
-            remote_task_id=submission["remote_task_id"],
+            remote_task_ids=remote_task_ids,
             deadline=time.time() + timeout,
             imagecb_conn_id=self.imagecb_conn_id,
             poll_interval=poll_interval,
-            submission=submission,
+            first_poll_at=first_poll_at,
+            wait_mode=self.wait_mode,
+            echo=echo,
         )
         if self.deferrable:
-            self.defer(  # type: ignore[attr-defined]
+            self.defer(
                 trigger=trigger,
                 method_name="execute_complete",
                 timeout=timedelta(seconds=timeout + poll_interval + DEFERRAL_GRACE),
             )
-        return self.execute_complete(context, asyncio.run(_first_event(trigger)))
+        return self.execute_complete(context, asyncio.run(_first_event(trigger)))  # type: ignore[attr-defined]
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        """Resume after the trigger fired: build the result, then return it or raise by outcome."""
-        submission = event.get("submission") or {"remote_task_id": event.get("remote_task_id")}
-        polls = int(submission.get("polls", 0)) + int(event.get("polls", 0))
-        if event["status"] == EVENT_ERROR:
-            self.on_remote_task_error(context, event)
-            raise error_from_event(event)
-        record = TaskRecord.from_dict(event["record"]) if event.get("record") else None
-        outcome = record.outcome if event["status"] == EVENT_DONE and record else Outcome.TIMEOUT
-        result = build_result(
-            remote_task_id=submission["remote_task_id"],
-            outcome=outcome,
-            record=record,
-            request=submission.get("request") or (record.params if record else {}),
-            submitted_at=submission.get("submitted_at"),
-            polls=polls,
-            via="poll",
-        )
-        return self.settle(context, result)
-
-    def settle(self, context: Context, result: dict[str, Any]) -> dict[str, Any]:
-        """Log the outcome, then return the result or raise the outcome's error."""
+    def log_outcome(self: WaitingTask, result: Mapping[str, Any]) -> None:
+        """One line per ended image: outcome, how long it took, how it was learned."""
         submitted = parse_timestamp(result["submitted_at"])
         ended = parse_timestamp(result["completed_at"]) or datetime.now(UTC)
-        self.log.info(  # type: ignore[attr-defined]
-            "Image task %s ended: %s after %s and %d status calls (submitted %s, completed %s)%s",
+        self.log.info(
+            "Image task %s ended: %s after %s, %d status call(s), via %s%s",
             result["task_id"],
             result["outcome"],
             f"{(ended - submitted).total_seconds():.0f} s" if submitted else "an unknown time",
             result["polls"],
-            result["submitted_at"],
-            result["completed_at"],
+            result["via"],
             f": {result['message']}" if result["message"] else "",
         )
-        self.on_settled(context, result)
-        if result["outcome"] == Outcome.SUCCESS or self.failure_mode == "return":
-            return result
-        error = OUTCOME_ERRORS[result["outcome"]]
-        raise error(
-            f"Image task {result['task_id']} ended with {result['outcome']}: {result['message']}", result
-        )
 
-    # Hooks for subclasses that keep durable state.
-    def on_settled(self, context: Context, result: dict[str, Any]) -> None:
-        """Called once the outcome is known, before returning or raising."""
+    def deliver(self: WaitingTask, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """
+        Return the results, or with ``failure_mode="raise"`` raise the error of the failures.
 
-    def on_remote_task_error(self, context: Context, event: dict[str, Any]) -> None:
-        """Called when the wait ended with an API error instead of an outcome."""
+        When several requests failed, a retryable outcome (internal error, generation failed,
+        timeout) wins, so that Airflow retries; content-policy rejections and uncertain
+        submissions alone fail the task at once.
+        """
+        failed = [r for r in results if r["outcome"] != Outcome.SUCCESS]
+        if not failed or self.failure_mode == "return":
+            return results
+        retryable = [r for r in failed if r["outcome"] in RETRYABLE_OUTCOMES]
+        first = (retryable or failed)[0]
+        error = OUTCOME_ERRORS[first["outcome"]]
+        if len(results) == 1:
+            message = f"Image task {first['task_id']} ended with {first['outcome']}: {first['message']}"
+        else:
+            counts = ", ".join(f"{n} {o}" for o, n in _count(failed).items())
+            message = f"{len(failed)} of {len(results)} images failed ({counts}); first: {first['message']}"
+        raise error(message, first)
+
+
+def _count(results: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result["outcome"]] = counts.get(result["outcome"], 0) + 1
+    return counts

@@ -1,0 +1,304 @@
+"""
+Submitting requests and settling their outcomes, never paying for an image twice.
+
+Shared by :class:`~imagecb_provider.operators.generate.ImageGenerateOperator` (one request) and
+:class:`~imagecb_provider.operators.generate.ImageBatchGenerateOperator` (many). Every
+submission is recorded in the task instance's :class:`SubmissionLedger` before the wait starts,
+so a later try reconnects instead of submitting again (see :func:`plan_slots` for the rule), and
+a request is marked ``sending`` before it goes out, so a submission whose answer was lost is
+reported, never resent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from imagecb_provider.exceptions import (
+    ImageCbConfigurationError,
+    ImageCbPermanentApiError,
+    ImageCbSubmissionUncertain,
+)
+from imagecb_provider.models import GenerationRequest, Outcome, TaskRecord, build_result, request_key, to_iso
+from imagecb_provider.triggers.task import EVENT_ERROR
+from imagecb_provider.utils.ledger import Action, LedgerEntry, Slot, SubmissionLedger, plan_slots
+from imagecb_provider.utils.pacing import pacer_for
+from imagecb_provider.utils.waiting import WaitingTask, check_positive, check_wait_mode, error_from_event
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from imagecb_provider.hooks.imagecb import ImageCbHook
+
+#: How long a callback token stays valid past the wait's deadline: the vendor retries a failed
+#: delivery at about 1, 5 and 15 minutes.
+CALLBACK_GRACE = 30 * 60.0
+
+
+class GeneratingTask(WaitingTask, Protocol):
+    """What :class:`GenerationMixin` needs of the operator it is mixed into."""
+
+    poll_interval: Any
+    timeout: Any
+    retries: int
+    resubmit_outcomes: Sequence[str]
+    reuse_successes: bool
+
+    @property
+    def hook(self) -> ImageCbHook: ...
+
+    def generation_requests(self) -> list[GenerationRequest]: ...
+
+    def wait_for_remote_tasks(
+        self, context: Context, remote_task_ids: Sequence[str], **kwargs: Any
+    ) -> Any: ...
+
+    def log_outcome(self, result: dict[str, Any]) -> None: ...
+
+    def deliver(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def present(self, results: list[dict[str, Any]]) -> Any: ...
+
+
+def is_new_run(context: Context) -> bool:
+    """Whether this is the first try of a run or of a rerun cleared from the UI (not a retry)."""
+    ti, task = context.get("ti"), context.get("task")
+    if ti is None or task is None:
+        return True
+    # Clearing sets max_tries to try_number + retries: Airflow's own "first try of this epoch".
+    return ti.try_number == ti.max_tries - task.retries + 1
+
+
+class GenerationMixin:
+    """Submit the task's requests, wait for them, resubmit once on chosen outcomes, settle."""
+
+    # ------------------------------------------------------------------ the first half
+    def generate(self: GeneratingTask, context: Context, *, submit: bool = True) -> Any:
+        """
+        Plan every request against the ledger, submit what must be, then wait for all of them.
+
+        :param submit: ``False`` only plans and submits, without waiting (``wait_for_completion``).
+        """
+        check_wait_mode(self.wait_mode)
+        requests = self.generation_requests()  # a bad rendered value fails here, before any credit
+        ledger = SubmissionLedger(context)
+        if not ledger.available:
+            self.log.warning(
+                "task_state_store is not available: a retry of this task cannot reconnect to the "
+                "images already submitted and will submit (and pay for) new ones"
+            )
+        keys = [request_key(r.to_payload(include_callback=False)) for r in requests]
+        slots, actions = plan_slots(
+            ledger.load(), keys, reuse_successes=self.reuse_successes, new_run=is_new_run(context)
+        )
+        entry = LedgerEntry(slots=slots)
+        self._log_plan(actions)
+        for slot, action in zip(slots, actions, strict=True):
+            if action == Action.UNCERTAIN:
+                _settle_uncertain(slot, "Its submission's answer was lost in an earlier try")
+            elif action == Action.RECONNECT:
+                slot.outcome = None
+            else:
+                slot.retire()
+                slot.resubmits = 0
+        to_submit = [i for i, action in enumerate(actions) if action == Action.SUBMIT]
+        self._submit(context, requests, entry, to_submit, ledger)
+        if not submit:
+            entry.finished = True
+            ledger.save(entry)
+            return entry
+        reconnect = {i for i, action in enumerate(actions) if action == Action.RECONNECT}
+        return self._wait(context, entry, reconnect)
+
+    def _log_plan(self: GeneratingTask, actions: list[Action]) -> None:
+        counts = {a: actions.count(a) for a in Action if actions.count(a)}
+        if counts.get(Action.RECONNECT) or counts.get(Action.UNCERTAIN):
+            self.log.info(
+                "Earlier submissions found: %d reconnected to, %d submitted anew, %d uncertain (not resent)",
+                counts.get(Action.RECONNECT, 0),
+                counts.get(Action.SUBMIT, 0),
+                counts.get(Action.UNCERTAIN, 0),
+            )
+
+    def _submit(
+        self: GeneratingTask,
+        context: Context,
+        requests: list[GenerationRequest],
+        entry: LedgerEntry,
+        indexes: list[int],
+        ledger: SubmissionLedger,
+    ) -> None:
+        """Send ``requests[i]`` for each index, paced, recording each before and after it goes out."""
+        if not indexes:
+            return
+        settings = self.hook.settings
+        callback_urls = _callback_urls(self, context, settings, indexes)
+        pacer = pacer_for(settings.conn_id, settings.submissions_per_10s)
+        for i in indexes:
+            slot = entry.slots[i]
+            pacer.wait()
+            slot.sending = True
+            ledger.save(entry)  # the mark is stored before the request leaves
+            request = requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
+            try:
+                slot.remote_task_id = self.hook.submit(request)
+            except ImageCbSubmissionUncertain as error:
+                _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
+                continue
+            except ImageCbPermanentApiError:
+                slot.sending = False
+                ledger.save(entry)
+                raise
+            slot.sending = False
+            slot.submitted_at = to_iso(datetime.now(UTC))
+        ledger.save(entry)
+        self.log.info("Submitted %d request(s)", len(indexes))
+
+    def _wait(self: GeneratingTask, context: Context, entry: LedgerEntry, poll_now: set[int]) -> Any:
+        waiting = [i for i, s in enumerate(entry.slots) if s.remote_task_id and s.outcome is None]
+        if not waiting:
+            return self._finish(context, entry)
+        poll_interval = check_positive("poll_interval", self.poll_interval)
+        now = time.time()
+        return self.wait_for_remote_tasks(
+            context,
+            [entry.slots[i].remote_task_id for i in waiting],
+            poll_interval=poll_interval,
+            timeout=check_positive("timeout", self.timeout),
+            first_poll_at={entry.slots[i].remote_task_id: now for i in waiting if i in poll_now},
+            echo=entry.to_dict(),
+        )
+
+    # ----------------------------------------------------------------- the second half
+    def execute_complete(self: GeneratingTask, context: Context, event: dict[str, Any]) -> Any:
+        """Resume after the trigger fired: record the outcomes, resubmit once if asked, settle."""
+        entry = LedgerEntry.from_dict(event["echo"])
+        ledger = SubmissionLedger(context)
+        waited = [s for s in entry.slots if s.remote_task_id in event["polls"]]
+        for slot in waited:
+            slot.polls += int(event["polls"][slot.remote_task_id])
+            record = event["records"].get(slot.remote_task_id)
+            if record is not None:
+                _settle(slot, TaskRecord.from_dict(record), event["via"].get(slot.remote_task_id, "poll"))
+        if event["status"] == EVENT_ERROR:
+            return _fail_on_error(self, entry, ledger, event["error"])
+        for slot in waited:
+            if slot.outcome is None:  # still generating at the deadline
+                slot.outcome, slot.message = Outcome.TIMEOUT.value, ""
+        again = [
+            i
+            for i, s in enumerate(entry.slots)
+            if s.outcome in self.resubmit_outcomes and s.resubmits < 1 and s.remote_task_id
+        ]
+        if again:
+            return self._resubmit(context, entry, ledger, again)
+        return self._finish(context, entry, ledger)
+
+    def _resubmit(
+        self: GeneratingTask, context: Context, entry: LedgerEntry, ledger: SubmissionLedger, again: list[int]
+    ) -> Any:
+        self.log.info(
+            "Resubmitting %d request(s) once: %s",
+            len(again),
+            ", ".join(f"{entry.slots[i].remote_task_id} ended with {entry.slots[i].outcome}" for i in again),
+        )
+        for i in again:
+            entry.slots[i].retire()
+            entry.slots[i].resubmits += 1
+        self._submit(context, self.generation_requests(), entry, again, ledger)
+        return self._wait(context, entry, set())
+
+    def _finish(
+        self: GeneratingTask, context: Context, entry: LedgerEntry, ledger: SubmissionLedger | None = None
+    ) -> Any:
+        ledger = ledger or SubmissionLedger(context)
+        ti = context.get("ti")
+        entry.finished = True
+        entry.delivered_try = ti.try_number if ti is not None else None
+        ledger.save(entry)
+        payloads = [r.to_payload(include_callback=False) for r in self.generation_requests()]
+        results = [_result(slot, payload) for slot, payload in zip(entry.slots, payloads, strict=True)]
+        for result in results:
+            self.log_outcome(result)
+        return self.present(self.deliver(results))
+
+
+def _settle(slot: Slot, record: TaskRecord, via: str) -> None:
+    slot.outcome = record.outcome.value if record.outcome else None
+    slot.message = record.message
+    slot.record = record.to_dict()
+    slot.via = via
+
+
+def _settle_uncertain(slot: Slot, cause: str) -> None:
+    slot.outcome = Outcome.SUBMISSION_UNCERTAIN.value
+    slot.message = (
+        f"{cause.rstrip('.')}: the API may have accepted and charged it, so it is not resent "
+        "automatically. Check the account, then clear the task to submit again"
+    )
+
+
+def _result(slot: Slot, payload: dict[str, Any]) -> dict[str, Any]:
+    record = TaskRecord.from_dict(slot.record) if slot.record else None
+    result = build_result(
+        remote_task_id=slot.remote_task_id,
+        outcome=Outcome(slot.outcome or Outcome.TIMEOUT),
+        record=record,
+        request=payload,
+        submitted_at=slot.submitted_at,
+        polls=slot.polls,
+        via=slot.via or "poll",
+    )
+    if slot.outcome == Outcome.SUBMISSION_UNCERTAIN:
+        result["message"] = slot.message or result["message"]
+    result["earlier"] = list(slot.earlier)
+    return result
+
+
+def _fail_on_error(task: GeneratingTask, entry: LedgerEntry, ledger: SubmissionLedger, error: dict) -> None:
+    """
+    Raise the API error that ended the wait, leaving the ledger so the next try can go on.
+
+    A remote task the API no longer knows (404) is retired from its slot: the next try submits
+    that request anew instead of meeting the same 404 until the stored state expires.
+    """
+    if error.get("code") == 404:
+        for slot in entry.slots:
+            if slot.remote_task_id == error.get("remote_task_id"):
+                slot.outcome, slot.message = None, "unknown to the API (404)"
+                slot.retire()
+    ledger.save(entry)
+    task.log.error("Waiting ended with an API error: %s", error.get("message"))
+    raise error_from_event(error)
+
+
+def _callback_urls(
+    task: GeneratingTask, context: Context, settings: Any, indexes: list[int]
+) -> dict[int, str]:
+    """One signed callback URL per request slot in callback mode; none when polling."""
+    if task.wait_mode != "callback":
+        return {}
+    if not settings.callback_base_url:
+        raise ImageCbConfigurationError(
+            f"wait_mode='callback' needs the public URL of the Airflow API server: set the extra "
+            f"callback_base_url of connection {settings.conn_id!r} (e.g. https://airflow.example.com), "
+            "or use wait_mode='poll'"
+        )
+    from imagecb_provider.callbacks.tokens import callback_url_for_task
+
+    ti = context["ti"]
+    expires_at = time.time() + check_positive("timeout", task.timeout) + CALLBACK_GRACE
+    return {
+        i: callback_url_for_task(
+            settings,
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            map_index=ti.map_index,
+            slot=i,
+            expires_at=expires_at,
+        )
+        for i in indexes
+    }

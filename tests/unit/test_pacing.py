@@ -1,0 +1,50 @@
+"""SubmissionPacer: no window of 10 s ever holds more than the limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from imagecb_provider.utils.pacing import SubmissionPacer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.mark.parametrize("limit", [20, 7, 300])
+def test_no_ten_second_window_holds_more_than_the_limit(limit):
+    clock = FakeClock()
+    pacer = SubmissionPacer(limit, clock=clock, sleep=clock.sleep)
+    sent = []
+    for _ in range(limit * 3):
+        pacer.wait()
+        sent.append(clock.now)
+        clock.now += 0.001  # the submission itself takes a moment
+    for start in sent:
+        assert sum(start <= t < start + 10 for t in sent) <= limit
+    # and it is not slower than it must be: 3 x limit submissions in about 30 s
+    assert sent[-1] - sent[0] == pytest.approx((limit * 3 - 1) * 10 / limit * 1.05, rel=0.01)
+
+
+def test_the_first_submission_goes_at_once_and_slow_callers_are_not_delayed():
+    clock = FakeClock()
+    pacer = SubmissionPacer(20, clock=clock, sleep=clock.sleep)
+    assert pacer.wait() == 0.0
+    clock.now += 5.0  # the caller was busy for longer than the interval
+    assert pacer.wait() == 0.0
+    assert clock.slept == []
+    assert pacer.wait() == pytest.approx(0.525)
+
+
+def test_a_limit_must_be_positive():
+    with pytest.raises(ValueError, match="per_10s"):
+        SubmissionPacer(0)
