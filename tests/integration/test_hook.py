@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 
 import pytest
 import requests
@@ -387,3 +388,41 @@ def test_api_key_never_reaches_logs_or_error_text(monkeypatch, imagecb_simulator
     for text in texts:
         assert SECRET_KEY not in text
         assert HMAC_KEY not in text
+
+
+def test_one_hook_serves_many_threads_at_once(imagecb_simulator):
+    """The archive's download threads share one hook: calls of different methods must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    imagecb_simulator.configure(latency=0.0, rate_limit_count=10_000)
+    hook = ImageCbHook()
+    done = [hook.submit(GenerationRequest(prompt=f"a shell {i}")) for i in range(8)]
+    url = hook.get_task(done[0]).result_image_url
+
+    def call(n: int) -> tuple[str, object]:
+        kind = n % 4
+        if kind == 0:
+            return "record", hook.get_task(done[n % len(done)]).task_id
+        if kind == 1:
+            return "credits", hook.get_credits()
+        if kind == 2:
+            return "link", hook.get_download_url(url)
+        return "submit", hook.submit(GenerationRequest(prompt=f"a pebble {n}"))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, so a shared attribute would race
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, range(400)))
+    finally:
+        sys.setswitchinterval(switch)
+    for n, (kind, value) in enumerate(answers):
+        if kind == "record":
+            assert value == done[n % len(done)]
+        elif kind == "credits":
+            assert isinstance(value, float)
+        elif kind == "link":
+            assert value.startswith(imagecb_simulator.url) and "signature=" in value
+        else:
+            assert isinstance(value, str) and len(value) == 32
+    assert imagecb_simulator.stats()["submissions_total"] == 8 + 100

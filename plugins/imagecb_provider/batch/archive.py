@@ -33,7 +33,7 @@ from imagecb_provider.models import to_iso
 MANIFEST_NAME = "manifest.jsonl"
 MIN_IMAGE_BYTES = 64
 #: Conditional writes of a remote manifest tried before giving up (each rereads it first).
-MAX_WRITE_ATTEMPTS = 8
+MAX_WRITE_ATTEMPTS = 40
 
 #: How each file was obtained, as the manifest tells it.
 VIA_DIRECT = "direct"
@@ -329,7 +329,7 @@ def _retry_on_conflict(write: Callable[[], int]) -> int:
             if attempt == MAX_WRITE_ATTEMPTS or not _is_precondition_failure(error):
                 raise
             log.info("The manifest changed while it was updated (attempt %d); reading it again", attempt)
-            time.sleep(random.uniform(0.05, 0.2) * attempt)
+            time.sleep(random.uniform(0, min(0.05 * 2**attempt, 2.0)))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
