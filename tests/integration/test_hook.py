@@ -422,7 +422,9 @@ def test_one_hook_serves_many_threads_at_once(imagecb_simulator):
         elif kind == "credits":
             assert isinstance(value, float)
         elif kind == "link":
-            assert value.startswith(imagecb_simulator.url) and "signature=" in value
+            assert value.startswith(imagecb_simulator.url)
+            assert "signature=" in value
         else:
-            assert isinstance(value, str) and len(value) == 32
+            assert isinstance(value, str)
+            assert len(value) == 32
     assert imagecb_simulator.stats()["submissions_total"] == 8 + 100
