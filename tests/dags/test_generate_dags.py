@@ -192,17 +192,20 @@ def test_a_batch_retry_after_the_race_reconnects_to_every_task_and_its_resubmiss
 
 
 def test_timeout_is_retried_and_the_retry_reconnects_to_the_same_task(run_dag, imagecb_simulator):
-    imagecb_simulator.configure(latency=1.5)
+    # A render far longer than one try's wait, so try 1 always times out whatever the load; then
+    # every retry reconnects to the same task until it ends.
+    prompt = "a geyser [sim:latency=4]"
     with _dag("gen_timeout") as dag:
-        ImageGenerateOperator(task_id="generate", prompt="a geyser", retries=2, timeout=0.7, **FAST)
+        ImageGenerateOperator(task_id="generate", prompt=prompt, retries=30, timeout=0.5, **FAST)
     dag_run = run_dag(dag)
     ti = _tis(dag_run)["generate"]
     assert dag_run.state == "success"
     assert ti.try_number >= 2
-    assert imagecb_simulator.stats()["submissions"] == {"a geyser": 1}
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 1}
 
 
 def test_sensor_waits_for_a_task_submitted_without_waiting(run_dag, imagecb_simulator):
+    imagecb_simulator.configure(latency=1.0)
     with _dag("gen_sensor") as dag:
         submitted = ImageGenerateOperator(
             task_id="submit", prompt="a meadow", wait_for_completion=False, **FAST
@@ -215,24 +218,37 @@ def test_sensor_waits_for_a_task_submitted_without_waiting(run_dag, imagecb_simu
     assert result["task_id"] == remote_task_id
     assert result["outcome"] == "success"
     assert result["prompt"] == "a meadow"
+    assert result["polls"] > 1  # it waited: the image was still generating at the first poll
     assert imagecb_simulator.stats()["submissions"] == {"a meadow": 1}
 
 
 @pytest.mark.parametrize("mode", ["poke", "reschedule"])
-def test_non_deferrable_sensor_and_operator(run_dag, imagecb_simulator, mode):
+def test_non_deferrable_sensor_waits_in_the_worker(run_dag, imagecb_simulator, mode):
+    from airflow.models.taskreschedule import TaskReschedule
+    from airflow.utils.session import create_session
+    from sqlalchemy import func, select
+
+    imagecb_simulator.configure(latency=1.5)
     with _dag(f"gen_sync_{mode}") as dag:
         submitted = ImageGenerateOperator(
-            task_id="generate", prompt=f"a dune {mode}", deferrable=False, **FAST
+            task_id="submit", prompt=f"a dune {mode}", wait_for_completion=False, deferrable=False, **FAST
         )
         ImageTaskSensor(
             task_id="wait",
-            remote_task_id="{{ ti.xcom_pull(task_ids='generate')['task_id'] }}",
-            poke_interval=0.2,
+            remote_task_id=submitted.output,
+            poke_interval=0.3,
             deferrable=False,
             mode=mode,
         )
-        submitted >> dag.get_task("wait")
     dag_run = run_dag(dag)
     assert dag_run.state == "success"
-    assert _result(dag_run, "wait")["outcome"] == "success"
-    assert _result(dag_run, "generate")["outcome"] == "success"
+    result = _result(dag_run, "wait")
+    assert result["outcome"] == "success"
+    remote_task_id = _result(dag_run, "submit")
+    assert imagecb_simulator.stats()["status_calls"][remote_task_id] > 1  # it poked more than once
+    ti = _tis(dag_run)["wait"]
+    with create_session() as session:
+        reschedules = session.scalar(select(func.count()).where(TaskReschedule.ti_id == ti.id))
+    assert (reschedules > 0) == (mode == "reschedule")
+    if mode == "poke":
+        assert result["polls"] > 1  # all pokes in one process
