@@ -488,6 +488,68 @@ def test_mapping_the_branch_itself_fails_loudly(run_dag):
     )
 
 
+@pytest.mark.airflow
+def test_a_downstream_task_without_its_guard_makes_the_branch_fail_rather_than_route_wrongly(run_dag):
+    with _dag("branch_unguarded") as dag:
+
+        @task_group(group_id="grp")
+        def grp(index: int):
+            @task
+            def make(i: int) -> dict:
+                return {"outcome": "success"}
+
+            @task
+            def archive() -> None:
+                pass
+
+            @task
+            def quarantine() -> None:
+                pass
+
+            route = ImageOutcomeBranchOperator(
+                task_id="route", result=make(index), branches={"success": "archive"}, default=[]
+            )
+            route >> archive()
+            sneaky = quarantine()
+            # a dependency added behind the operators' back: no guard gets installed
+            route.downstream_task_ids.add(sneaky.operator.task_id)
+            sneaky.operator.upstream_task_ids.add(route.task_id)
+
+        grp.expand(index=[0, 1])
+
+    dag_run = run_dag(dag)
+    states = _states(dag_run)
+    assert states[("grp.route", 0)] == "failed"
+    assert states[("grp.quarantine", 0)] == "upstream_failed"  # never ran unrouted
+
+
+@pytest.mark.airflow
+def test_a_guarded_task_skips_when_its_branch_made_no_decision(run_dag):
+    """A trigger rule that runs the task although its branch failed: nothing was routed to it."""
+    with _dag("branch_undecided") as dag:
+
+        @task_group(group_id="grp")
+        def grp(outcome: str):
+            @task
+            def make(value: str) -> dict:
+                return {"outcome": value}
+
+            @task(trigger_rule="all_done")
+            def archive() -> None:
+                pass
+
+            route = ImageOutcomeBranchOperator(
+                task_id="route", result=make(outcome), branches={"success": "archive"}, default=[]
+            )
+            route >> archive()
+
+        grp.expand(outcome=["success", "not-an-outcome"])
+
+    states = _states(run_dag(dag))
+    assert (states[("grp.route", 0)], states[("grp.archive", 0)]) == ("success", "success")
+    assert (states[("grp.route", 1)], states[("grp.archive", 1)]) == ("failed", "skipped")
+
+
 # -- at DAG definition time (no database) ----------------------------------------------------------
 
 

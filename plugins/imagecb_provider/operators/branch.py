@@ -149,7 +149,14 @@ class _OutcomeGuard:
             decision = ti.xcom_pull(
                 task_ids=self.branch_task_id, key=DECISION_XCOM_KEY, map_indexes=map_index, default=None
             )
-            if isinstance(decision, Mapping) and task.task_id in (decision.get("skipped") or ()):
+            if not isinstance(decision, Mapping):
+                # The branch did not decide (it failed, or a trigger rule let this task run anyway):
+                # nothing routed here, so nothing to act on.
+                raise AirflowSkipException(
+                    f"No routing decision from {self.branch_task_id} for map index {map_index} "
+                    "(it failed or did not run): skipped"
+                )
+            if task.task_id in (decision.get("skipped") or ()):
                 raise AirflowSkipException(
                     f"Not chosen by {self.branch_task_id}: outcome {decision.get('outcome')!r} "
                     f"routes to {decision.get('chosen')}"
