@@ -248,15 +248,19 @@ class ImageCbHook(HttpHook):
             raise ImageCbProtocolError(f"imagecb API gave no URL on {DOWNLOAD_URL_PATH}")
         return data
 
-    def fetch_file(self, url: str, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[bytes, str]:
+    def fetch_file(self, url: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
         """
         Download a generated file; returns its bytes and content type.
 
         Sent without the API key: file links are pre-signed and may live on another host, which
         must never see the key. A refused or expired link raises :class:`ImageCbLinkExpired` at
         once (ask for a fresh link instead); network errors and 5xx are retried.
+
+        :param url: the file's link.
+        :param max_bytes: refuse a larger file while it downloads (default :data:`MAX_FILE_BYTES`).
         """
-        return self.retry_policy.retrying(RETRYABLE_ERRORS)(self._fetch_once, url, max_bytes)
+        limit = MAX_FILE_BYTES if max_bytes is None else max_bytes
+        return self.retry_policy.retrying(RETRYABLE_ERRORS)(self._fetch_once, url, limit)
 
     def _fetch_once(self, url: str, max_bytes: int) -> tuple[bytes, str]:
         shown = _without_query(url)
