@@ -151,3 +151,20 @@ async def test_many_triggers_share_one_event_loop(imagecb_simulator):
         timeout=20,  # one after another, 50 waits of at least 0.5 s could not end in time
     )
     assert all(r[0]["records"][i]["outcome"] == "success" for r, i in zip(results, ids, strict=True))
+
+
+async def test_later_waits_poll_an_image_when_it_should_be_done(imagecb_simulator, monkeypatch):
+    """What one group learned of render times spares the next a whole poll interval."""
+    from imagecb_provider.triggers import task as trigger_module
+
+    monkeypatch.setattr(trigger_module, "RENDER_TIMES", trigger_module.RenderTimes())
+    imagecb_simulator.configure(latency=2.0)
+    first = _submit("a first render")
+    await _events(_trigger(first, poll_interval=0.5))  # learns: about 2 s
+    assert trigger_module.RENDER_TIMES.estimate("imagecb_default") == pytest.approx(2.0, abs=1.0)
+
+    later = _submit("a later render")
+    trigger = _trigger(later, poll_interval=30, submitted_at={later: time.time()})
+    events = await asyncio.wait_for(_events(trigger), timeout=15)  # not 30 s
+    assert events[0]["records"][later]["outcome"] == "success"
+    assert events[0]["polls"][later] <= 1 + trigger_module.LATE_POLLS  # the expected-end poll, and late ones

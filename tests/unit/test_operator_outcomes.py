@@ -103,6 +103,7 @@ def test_trigger_kwargs_hold_no_secret(monkeypatch):
         "poll_interval",
         "jitter",
         "first_poll_at",
+        "submitted_at",
         "wait_mode",
         "echo",
     }

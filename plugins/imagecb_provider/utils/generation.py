@@ -12,7 +12,7 @@ reported, never resent.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +21,15 @@ from imagecb_provider.exceptions import (
     ImageCbPermanentApiError,
     ImageCbSubmissionUncertain,
 )
-from imagecb_provider.models import GenerationRequest, Outcome, TaskRecord, build_result, request_key, to_iso
+from imagecb_provider.models import (
+    GenerationRequest,
+    Outcome,
+    TaskRecord,
+    build_result,
+    parse_timestamp,
+    request_key,
+    to_iso,
+)
 from imagecb_provider.triggers.task import EVENT_ERROR
 from imagecb_provider.utils.ledger import Action, LedgerEntry, Slot, SubmissionLedger, plan_slots
 from imagecb_provider.utils.pacing import pacer_for
@@ -168,6 +176,7 @@ class GenerationMixin:
             poll_interval=poll_interval,
             timeout=check_positive("timeout", self.timeout),
             first_poll_at={entry.slots[i].remote_task_id: now for i in waiting if i in poll_now},
+            submitted_at=_submitted_times(entry.slots[i] for i in waiting),
             echo=entry.to_dict(),
         )
 
@@ -223,6 +232,11 @@ class GenerationMixin:
         for result in results:
             self.log_outcome(result)
         return self.present(self.deliver(results))
+
+
+def _submitted_times(slots: Iterable[Slot]) -> dict[str, float]:
+    times = {s.remote_task_id: parse_timestamp(s.submitted_at) for s in slots}
+    return {remote_id: at.timestamp() for remote_id, at in times.items() if remote_id and at}
 
 
 def _settle(slot: Slot, record: TaskRecord, via: str) -> None:

@@ -106,6 +106,7 @@ class ImageTaskWaitMixin:
         poll_interval: float,
         timeout: float,
         first_poll_at: Mapping[str, float] | None = None,
+        submitted_at: Mapping[str, float] | None = None,
         echo: Any = None,
     ) -> Any:
         """
@@ -115,6 +116,7 @@ class ImageTaskWaitMixin:
         :param poll_interval: seconds between status calls of one task.
         :param timeout: seconds from now until the wait ends with a timeout event.
         :param first_poll_at: Unix time of each task's first status call (default: one interval).
+        :param submitted_at: Unix time each task was submitted (to poll it when it should be done).
         :param echo: JSON-safe data the event hands back to ``execute_complete``.
         """
         trigger = ImageTaskTrigger(
@@ -123,6 +125,7 @@ class ImageTaskWaitMixin:
             imagecb_conn_id=self.imagecb_conn_id,
             poll_interval=poll_interval,
             first_poll_at=first_poll_at,
+            submitted_at=submitted_at,
             wait_mode=self.wait_mode,
             echo=echo,
         )
