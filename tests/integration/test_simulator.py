@@ -4,6 +4,11 @@ The API simulator over real HTTP: what it answers, when, and what it sends back.
 No mocks: every test starts a real server (``imagecb_simulator_factory``) and talks to it with
 ``requests`` (or aiohttp, or a real callback receiver), because the provider's clients depend on
 the wire behaviour (statuses, headers, cut connections), not on the simulator's Python objects.
+
+No race with the clock: a test waits for an observable event (a held task, a submission in
+flight, no callback pending) instead of hoping a short sleep was long enough, and its time
+bounds are either exact (computed by the simulator) or generous (and still far from the value a
+broken behaviour would give). Every test has a timeout, so a hang fails instead of blocking.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import itertools
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,11 @@ CREDIT = "/api/v1/chat/credit"
 DOWNLOAD = "/api/v1/common/download-url"
 DROPPED = (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
 PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+#: How long a test waits for something that should happen in milliseconds: long enough for a
+#: loaded 2-core machine, short enough to report a hang well before the per-test timeout.
+PATIENCE = 15.0
+
+pytestmark = pytest.mark.timeout(90)
 
 
 class Api:
@@ -52,7 +64,7 @@ class Api:
 
     def submit(self, prompt: str | None = "a fox", **fields: Any) -> requests.Response:
         body = ({"prompt": prompt} if prompt is not None else {}) | fields
-        return self.http.post(self.url + GENERATE, json=body, timeout=10)
+        return self.http.post(self.url + GENERATE, json=body, timeout=PATIENCE)
 
     def task_id(self, prompt: str = "a fox", **fields: Any) -> str:
         answer = self.submit(prompt, **fields).json()
@@ -60,24 +72,24 @@ class Api:
         return answer["data"]["taskId"]
 
     def record_answer(self, task_id: str) -> requests.Response:
-        return self.http.get(self.url + RECORD, params={"taskId": task_id}, timeout=10)
+        return self.http.get(self.url + RECORD, params={"taskId": task_id}, timeout=PATIENCE)
 
     def record(self, task_id: str) -> dict[str, Any]:
         answer = self.record_answer(task_id).json()
         assert answer["code"] == 200, answer
         return answer["data"]
 
-    def finished(self, task_id: str, timeout: float = 5.0) -> dict[str, Any]:
+    def finished(self, task_id: str, timeout: float = PATIENCE) -> dict[str, Any]:
         return wait_for(lambda: (r := self.record(task_id))["successFlag"] and r, timeout)
 
     def credit(self) -> float:
-        return self.http.get(self.url + CREDIT, timeout=10).json()["data"]
+        return self.http.get(self.url + CREDIT, timeout=PATIENCE).json()["data"]
 
     def download_url(self, url: str) -> requests.Response:
-        return self.http.post(self.url + DOWNLOAD, json={"url": url}, timeout=10)
+        return self.http.post(self.url + DOWNLOAD, json={"url": url}, timeout=PATIENCE)
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 5.0, step: float = 0.02) -> Any:
+def wait_for(check: Callable[[], Any], timeout: float = PATIENCE, step: float = 0.02) -> Any:
     """Poll ``check`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,6 +98,16 @@ def wait_for(check: Callable[[], Any], timeout: float = 5.0, step: float = 0.02)
             return value
         time.sleep(step)
     pytest.fail(f"condition not met within {timeout} s")
+
+
+def settled(sim: Any) -> dict[str, Any]:
+    """Wait until no callback delivery is armed, running or awaiting a retry; return the stats."""
+    return wait_for(lambda: (s := sim.stats(tasks=False))["callbacks_pending"] == 0 and s)
+
+
+def in_flight(sim: Any, count: int) -> dict[str, Any]:
+    """Wait until exactly ``count`` submissions are received and not yet answered; return the stats."""
+    return wait_for(lambda: (s := sim.stats())["submissions_in_flight"] == count and s)
 
 
 @pytest.fixture
@@ -127,7 +149,7 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
-    def wait(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    def wait(self, count: int, timeout: float = PATIENCE) -> list[dict[str, Any]]:
         wait_for(lambda: len(self.calls) >= count, timeout)
         return self.calls
 
@@ -216,8 +238,9 @@ ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 @pytest.mark.parametrize("timestamp_format", ["iso", "epoch_ms"])
 def test_task_is_generating_then_succeeds_with_the_vendor_record_shape(start, timestamp_format):
-    sim, api = start(latency=0.4, timestamp_format=timestamp_format)
-    body = {"prompt": "a fox", "aspectRatio": "1:1", "model": "flux-kontext-max", "watermark": "w"}
+    sim, api = start(timestamp_format=timestamp_format)
+    body = {"prompt": "a fox [sim:hold]", "aspectRatio": "1:1", "model": "flux-kontext-max", "watermark": "w"}
+    submitted = time.time()
     task_id = api.task_id(**body, callBackUrl="http://127.0.0.1:9/never-called")
     first = api.record(task_id)
     keys = {
@@ -238,7 +261,10 @@ def test_task_is_generating_then_succeeds_with_the_vendor_record_shape(start, ti
         None,
     )
     assert json.loads(first["paramJson"]) == body  # callBackUrl is not echoed
+    released = time.time()
+    sim.release(task_id)
     done = api.finished(task_id)
+    seen = time.time()
     assert done["successFlag"] == 1
     assert (done["errorCode"], done["errorMessage"]) == (None, "")
     assert done["response"]["resultImageUrl"].startswith(sim.url + "/files/")
@@ -247,10 +273,16 @@ def test_task_is_generating_then_succeeds_with_the_vendor_record_shape(start, ti
         assert ISO.match(done["createTime"])
         assert ISO.match(done["completeTime"])
         assert done["completeTime"] >= done["createTime"]
-    else:
+    else:  # the simulator's own clock, read between the client's readings (ms, rounded down)
         assert isinstance(done["createTime"], int)
-        assert abs(done["createTime"] / 1000 - time.time()) < 10
-        assert 350 <= done["completeTime"] - done["createTime"] <= 450
+        assert int(submitted * 1000) <= done["createTime"] <= released * 1000
+        assert int(released * 1000) <= done["completeTime"] <= seen * 1000
+
+
+def test_config_latency_sets_the_complete_time_exactly(start):
+    _, api = start(latency=0.3, timestamp_format="epoch_ms")
+    done = api.finished(api.task_id("a fox"))
+    assert 299 <= done["completeTime"] - done["createTime"] <= 301  # computed, not measured
 
 
 OUTCOMES = [
@@ -275,22 +307,29 @@ def test_each_marker_gives_its_outcome(start, marker, flag, code):
     assert sim.stats()["tasks"][record["taskId"]]["successFlag"] == flag
 
 
-def test_never_stays_generating(start):
+def test_never_stays_generating(start, receiver):
     sim, api = start()
-    task_id = api.task_id("a harp [sim:never]")
-    time.sleep(0.2)
+    task_id = api.task_id("a harp [sim:never]", callBackUrl=receiver.url)
+    control = api.finished(api.task_id("a lute", callBackUrl=receiver.url))  # latency 0: done at once
+    receiver.wait(1)
     assert api.record(task_id)["successFlag"] == 0
+    stats = settled(sim)  # nothing left to deliver: the never task has no callback armed
+    assert [c["body"]["data"]["taskId"] for c in receiver.calls] == [control["taskId"]]
     assert sim.stats()["tasks"][task_id]["outcome"] == "never"
+    assert stats["held"] == []
+    with pytest.raises(ValueError, match="no held task"):
+        sim.release(task_id)
 
 
 def test_latency_marker_is_scaled_by_time_factor(start):
-    _, api = start(latency=0.0, time_factor=0.2)
-    slow = api.task_id("a snail [sim:latency=2]")
+    _, api = start(latency=0.0, time_factor=0.2, timestamp_format="epoch_ms")
+    far = api.task_id("a tortoise [sim:latency=1000]")  # 200 s once scaled
+    slow = api.task_id("a snail [sim:latency=2]")  # 0.4 s once scaled
     fast = api.task_id("a hare")
     assert api.record(fast)["successFlag"] == 1
-    assert api.record(slow)["successFlag"] == 0
-    time.sleep(0.45)
-    assert api.record(slow)["successFlag"] == 1
+    done = api.finished(slow)
+    assert 399 <= done["completeTime"] - done["createTime"] <= 401  # 2 s x 0.2, computed
+    assert api.record(far)["successFlag"] == 0
 
 
 def test_flaky_fails_the_first_submission_of_a_prompt_only(start):
@@ -360,10 +399,10 @@ def test_different_prompts_give_different_pictures(start):
 
 
 def test_origin_link_expires_and_download_url_refreshes_it(start):
-    sim, api = start(origin_ttl=0.3, download_url_ttl=60)
+    sim, api = start(origin_ttl=600, download_url_ttl=60)
     urls = api.finished(api.task_id("a pier"))["response"]
     assert requests.get(urls["originImageUrl"]).status_code == 200
-    time.sleep(0.4)
+    sim.configure(origin_ttl=0)  # read on every download: completion is now more than 0 s ago
     assert requests.get(urls["originImageUrl"]).status_code == 410
     assert requests.get(urls["resultImageUrl"]).status_code == 200
     answer = api.download_url(urls["originImageUrl"]).json()
@@ -376,6 +415,10 @@ def test_origin_link_expires_and_download_url_refreshes_it(start):
     assert downloaded.content == requests.get(urls["resultImageUrl"]).content
     assert api.download_url(urls["resultImageUrl"]).json()["code"] == 200
     assert requests.get(fresh.replace("signature=", "signature=0")).status_code == 403
+    sim.configure(download_url_ttl=0)
+    expired = api.download_url(urls["resultImageUrl"]).json()["data"]  # expires: the current second
+    wait_for(lambda: int(time.time()) > int(re.search(r"expires=(\d+)", expired).group(1)))
+    assert requests.get(expired).status_code == 410
 
 
 @pytest.mark.parametrize(
@@ -396,8 +439,8 @@ def test_download_url_refuses_urls_it_did_not_make(start, url):
 
 
 def test_files_of_unfinished_or_failed_tasks_are_404(start):
-    sim, api = start(latency=5)
-    task_id = api.task_id("slow")
+    sim, api = start()
+    task_id = api.task_id("slow [sim:hold]")
     assert requests.get(f"{sim.url}/files/{task_id}/result.jpg").status_code == 404
     failed = api.finished(api.task_id("bad [sim:generation_failed] [sim:latency=0]"))
     assert requests.get(f"{sim.url}/files/{failed['taskId']}/result.jpg").status_code == 404
@@ -405,18 +448,19 @@ def test_files_of_unfinished_or_failed_tasks_are_404(start):
 
 # ------------------------------------------------------------ limits and credits
 def test_rate_limit_refuses_without_queueing_or_charging(start):
-    sim, api = start(rate_limit_count=3, rate_limit_window=0.6)
+    sim, api = start(rate_limit_count=3, rate_limit_window=600)
     assert [api.submit(f"p{i}").json()["code"] for i in range(3)] == [200] * 3
     refused = api.submit("one too many")
     assert refused.json()["code"] == 429
     assert refused.status_code == 200
-    assert int(refused.headers["Retry-After"]) >= 1
+    assert 500 <= int(refused.headers["Retry-After"]) <= 600  # the oldest slot frees in ~600 s
     stats = sim.stats()
     assert stats["submissions_total"] == 3
     assert "one too many" not in stats["submissions"]
     assert stats["credits"] == 1000 - 3 * 5
     assert stats["rejected"] == {"429": 1}
-    time.sleep(0.65)
+    sim.configure(rate_limit_window=0.3)  # the window slides: accepted submissions age out of it
+    time.sleep(0.35)  # a lower bound only: every accepted submission is now older than 0.3 s
     assert api.submit("after the window").json()["code"] == 200
 
 
@@ -444,7 +488,7 @@ def test_disabled_model_is_a_505(start):
 
 
 def test_http_status_errors_mode_uses_real_statuses(start):
-    sim, api = start(http_status_errors=True, rate_limit_count=1, credits=5)
+    sim, api = start(http_status_errors=True, rate_limit_count=1, rate_limit_window=600, credits=5)
     assert api.submit("a").status_code == 200
     checks = {
         429: api.submit("b"),
@@ -460,7 +504,7 @@ def test_http_status_errors_mode_uses_real_statuses(start):
         assert answer.status_code == status
         assert answer.json()["code"] == status
         assert set(answer.json()) == {"code", "msg", "data"}
-    assert "Retry-After" in checks[429].headers
+    assert int(checks[429].headers["Retry-After"]) >= 1
 
 
 # -------------------------------------------------------------------- injection
@@ -542,10 +586,43 @@ def test_bad_injection_is_refused(start):
         sim.inject(endpoint="files", code=500)
     with pytest.raises(ValueError, match="code"):
         sim.inject(endpoint="credit")
+    with pytest.raises(ValueError, match="echo"):
+        sim.inject(endpoint="generate", drop=True, echo=True)
+    assert sim.stats()["pending_injections"] == 0
+
+
+def test_injected_echo_writes_the_request_headers_and_body_into_the_msg(start):
+    sim, api = start()
+    sim.inject(endpoint="generate", code=422, echo=True)
+    raw = b'{"prompt":  "a fox",\n "watermark": "w"}'  # odd spacing: verbatim, not re-encoded
+    headers = {"Content-Type": "application/json", "X-Trace": "t-42"}
+    answer = api.http.post(api.url + GENERATE, data=raw, headers=headers).json()
+    assert answer["code"] == 422
+    msg = answer["msg"]
+    assert msg.startswith("Validation error | ")
+    assert f"\nPOST {GENERATE}\n" in msg
+    assert "\nauthorization: Bearer test-key\n" in msg
+    assert "\nx-trace: t-42\n" in msg
+    assert msg.endswith("\n\n" + raw.decode())
+    stats = sim.stats()
+    assert (stats["submissions_total"], stats["credits"], stats["injected"]) == (0, 1000, {"422": 1})
+    assert api.submit("a fox").json()["code"] == 200  # the injection answered one call only
+
+
+def test_injected_echo_on_a_get_shows_the_query_and_keeps_the_given_msg(start):
+    sim, api = start()
+    sim.inject(endpoint="record-info", code=500, msg="boom", echo=True, http_status=True)
+    answer = api.record_answer("abc")
+    assert answer.status_code == 500
+    msg = answer.json()["msg"]
+    assert msg.startswith("boom | ")
+    assert f"\nGET {RECORD}?taskId=abc\n" in msg
+    assert "\nauthorization: Bearer test-key\n" in msg
+    assert msg.endswith("\n\n")  # a GET has an empty body
 
 
 # ------------------------------------------------------------------------ faults
-@pytest.mark.parametrize("kind", ["500", "455", "drop"])
+@pytest.mark.parametrize("kind", ["500", "455", "429", "drop"])
 def test_fault_rate_one_gives_the_configured_fault_on_record_info_only(start, kind):
     sim, api = start(fault_rate=1.0, fault_kinds=[kind])
     task_id = api.task_id("a drum")
@@ -553,9 +630,109 @@ def test_fault_rate_one_gives_the_configured_fault_on_record_info_only(start, ki
         with pytest.raises(DROPPED):
             api.record_answer(task_id)
     else:
-        assert api.record_answer(task_id).json()["code"] == int(kind)
+        answer = api.record_answer(task_id)
+        assert answer.json()["code"] == int(kind)
+        assert answer.headers.get("Retry-After") == ("1" if kind == "429" else None)
     assert api.credit() == 995
-    assert sim.stats()["faults"] == {kind: 1}
+    stats = sim.stats()
+    assert stats["faults"] == {kind: 1}
+    assert stats["faults_by_endpoint"] == {"record-info": {kind: 1}}
+    assert stats["rejected"] == {}  # a fault is not a refusal
+
+
+FAULTABLE = ["generate", "record-info", "credit", "download-url", "files"]
+
+
+@pytest.mark.parametrize("endpoint", FAULTABLE)
+def test_fault_endpoints_choose_where_random_faults_land(start, endpoint):
+    sim, api = start()
+    task_id = api.task_id("a bell")
+    urls = api.finished(task_id)["response"]
+    sim.configure(fault_rate=1.0, fault_kinds=["500"], fault_endpoints=[endpoint])
+    calls = {
+        "generate": lambda: api.submit("another bell"),
+        "record-info": lambda: api.record_answer(task_id),
+        "credit": lambda: api.http.get(sim.url + CREDIT),
+        "download-url": lambda: api.download_url(urls["resultImageUrl"]),
+        "files": lambda: requests.get(urls["resultImageUrl"]),
+    }
+    for name, call in calls.items():
+        answer = call()
+        code = answer.status_code if name == "files" else answer.json()["code"]
+        assert code == (500 if name == endpoint else 200), name
+    stats = sim.stats()
+    assert stats["faults_by_endpoint"] == {endpoint: {"500": 1}}
+    assert stats["faults"] == {"500": 1}
+    assert stats["submissions_total"] == (1 if endpoint == "generate" else 2)
+    assert stats["credits"] == 1000 - 5 * stats["submissions_total"]
+
+
+@pytest.mark.parametrize("http_status_errors", [False, True])
+def test_random_429_fault_says_when_to_come_back(start, http_status_errors):
+    endpoints = ["generate", "credit", "files"]
+    sim, api = start(
+        http_status_errors=http_status_errors, fault_rate=1.0, fault_kinds=["429"], fault_endpoints=endpoints
+    )
+    for answer in (api.submit("a wasp"), api.http.get(sim.url + CREDIT)):
+        assert answer.json()["code"] == 429
+        assert answer.status_code == (429 if http_status_errors else 200)
+        assert answer.headers["Retry-After"] == "1"
+    download = requests.get(f"{sim.url}/files/{'0' * 32}/result.jpg")
+    assert (download.status_code, download.headers["Retry-After"]) == (429, "1")
+    stats = sim.stats()
+    assert stats["faults_by_endpoint"] == {name: {"429": 1} for name in endpoints}
+    assert (stats["rejected"], stats["submissions_total"], stats["credits"]) == ({}, 0, 1000)
+
+
+def test_random_faults_on_generate_never_create_or_charge_a_task(start):
+    sim, api = start(
+        fault_rate=0.5,
+        fault_kinds=["500", "455", "429"],
+        fault_endpoints=["generate"],
+        seed=11,
+        rate_limit_count=1000,
+    )
+    answers = [api.submit(f"p{i}").json() for i in range(30)]
+    accepted = {a["data"]["taskId"] for a in answers if a["code"] == 200}
+    faulted = [a["code"] for a in answers if a["code"] != 200]
+    assert accepted
+    assert faulted
+    assert set(faulted) <= {500, 455, 429}
+    assert all(a["data"] is None for a in answers if a["code"] != 200)
+    stats = sim.stats()
+    assert set(stats["tasks"]) == accepted
+    assert stats["submissions_total"] == len(accepted)
+    assert stats["credits"] == 1000 - 5 * len(accepted)
+    assert sum(stats["faults_by_endpoint"]["generate"].values()) == len(faulted)
+    assert stats["requests"]["generate"] == 30
+
+
+def test_drop_is_refused_as_a_random_fault_on_generate(start):
+    with pytest.raises(ValueError, match="'drop' cannot apply to the generate endpoint"):
+        SimulatorConfig(fault_endpoints=["generate"])  # the default fault_kinds include drop
+    sim, _ = start()
+    with pytest.raises(ValueError, match="'drop' cannot apply to the generate endpoint"):
+        sim.configure(fault_rate=1.0, fault_endpoints=["record-info", "generate"])
+    config = requests.get(sim.url + "/_sim/config").json()
+    assert (config["fault_rate"], config["fault_endpoints"]) == (0.0, ["record-info"])  # all or nothing
+    sim.configure(fault_endpoints=["generate"], fault_kinds=["500"])
+    with pytest.raises(ValueError, match="'drop' cannot apply to the generate endpoint"):
+        sim.configure(fault_kinds=["500", "drop"])
+    with pytest.raises(ValueError, match="fault_endpoints"):
+        SimulatorConfig(fault_endpoints=["status"])
+
+
+def test_random_drop_on_files_and_credit_cuts_the_connection(start):
+    sim, api = start()
+    url = api.finished(api.task_id("a gong"))["response"]["resultImageUrl"]
+    sim.configure(fault_rate=1.0, fault_kinds=["drop"], fault_endpoints=["files", "credit"])
+    with pytest.raises(DROPPED):
+        requests.get(url)
+    with pytest.raises(DROPPED):
+        api.http.get(sim.url + CREDIT)
+    sim.configure(fault_rate=0.0)
+    assert requests.get(url).status_code == 200
+    assert sim.stats()["faults_by_endpoint"] == {"files": {"drop": 1}, "credit": {"drop": 1}}
 
 
 def test_fault_rate_follows_the_seed(start):
@@ -580,8 +757,10 @@ def _signature(key: str, task_id: str, timestamp: str) -> str:
 
 def test_success_callback_has_the_vendor_body_and_a_valid_signature(start, receiver):
     sim, api = start(latency=0.1, webhook_hmac_key="whk-secret")
+    submitted = int(time.time())
     task_id = api.task_id("a lark", callBackUrl=receiver.url)
     [call] = receiver.wait(1)
+    received = time.time()
     record = api.record(task_id)
     assert call["body"] == {
         "code": 200,
@@ -589,13 +768,12 @@ def test_success_callback_has_the_vendor_body_and_a_valid_signature(start, recei
         "data": {"taskId": task_id, "info": record["response"]},
     }
     timestamp = call["headers"]["X-Webhook-Timestamp"]
-    assert abs(int(timestamp) - time.time()) < 10
+    assert submitted <= int(timestamp) <= received  # Unix seconds of the sending
     expected = _signature("whk-secret", task_id, timestamp)
     assert hmac.compare_digest(call["headers"]["X-Webhook-Signature"], expected)
     assert call["headers"]["Content-Type"] == "application/json"
-    time.sleep(0.1)
+    [entry] = settled(sim)["callbacks"]
     assert len(receiver.calls) == 1
-    [entry] = sim.stats()["callbacks"]
     assert {k: entry[k] for k in ("taskId", "url", "attempt", "status", "error", "duplicate")} == {
         "taskId": task_id,
         "url": receiver.url,
@@ -626,23 +804,26 @@ def test_duplicate_callbacks_by_marker_and_by_config(start, receiver):
     sim.configure(duplicate_callbacks=True)
     configured = api.task_id("twice too", callBackUrl=receiver.url)
     receiver.wait(4)
-    time.sleep(0.1)
+    stats = settled(sim)
     assert [c["body"]["data"]["taskId"] for c in receiver.calls] == [marked] * 2 + [configured] * 2
-    assert [c["duplicate"] for c in sim.stats()["callbacks"]] == [False, True, False, True]
+    assert [c["duplicate"] for c in stats["callbacks"]] == [False, True, False, True]
 
 
 def test_failing_receiver_is_retried_on_the_scaled_schedule_then_given_up(start, receiver):
     sim, api = start(latency=5, time_factor=0.001)
     receiver.default_status = 500
     task_id = api.task_id("a gull", callBackUrl=receiver.url)
-    calls = receiver.wait(4, timeout=5)
-    time.sleep(0.3)
-    assert len(receiver.calls) == 4  # 1 + 3 retries, then it gives up
-    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(calls)]
-    for gap, expected in zip(gaps, (0.060, 0.300, 0.900), strict=True):
-        assert expected * 0.9 <= gap <= expected + 0.25
-    attempts = [(c["attempt"], c["status"], c["taskId"]) for c in sim.stats()["callbacks"]]
+    receiver.wait(4)
+    callbacks = settled(sim)["callbacks"]  # nothing pending: it gave up after 1 + 3 retries
+    assert len(receiver.calls) == 4
+    attempts = [(c["attempt"], c["status"], c["taskId"]) for c in callbacks]
     assert attempts == [(1, 500, task_id), (2, 500, task_id), (3, 500, task_id), (4, 500, task_id)]
+    # sent_at is stamped by the simulator before each POST, so a gap is the wait plus the previous
+    # POST: never shorter than the scaled delay (less 10 ms of timer rounding), and with 2 s of
+    # slack for a loaded machine still far below the unscaled 60/300/900 s.
+    gaps = [b["sent_at"] - a["sent_at"] for a, b in itertools.pairwise(callbacks)]
+    for gap, expected in zip(gaps, (0.060, 0.300, 0.900), strict=True):
+        assert expected - 0.01 <= gap <= expected + 2.0
 
 
 def test_retries_stop_at_the_first_success_and_connection_errors_are_recorded(start, receiver):
@@ -655,8 +836,8 @@ def test_retries_stop_at_the_first_success_and_connection_errors_are_recorded(st
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
     api.task_id("nobody home", callBackUrl=closed)
     wait_for(lambda: len(sim.stats()["callbacks"]) == 7)
-    time.sleep(0.1)
-    callbacks = sim.stats()["callbacks"]
+    callbacks = settled(sim)["callbacks"]
+    assert len(callbacks) == 7
     assert [c["status"] for c in callbacks[:3]] == [503, 502, 200]
     assert len(receiver.calls) == 3
     unreachable = callbacks[3:]
@@ -665,11 +846,151 @@ def test_retries_stop_at_the_first_success_and_connection_errors_are_recorded(st
 
 
 def test_reset_cancels_pending_callbacks(start, receiver):
-    sim, api = start(latency=0.3)
+    sim, api = start(latency=600)
     api.task_id("a wren", callBackUrl=receiver.url)
+    assert sim.stats()["callbacks_pending"] == 1  # its timer is armed for 600 s from now
     sim.reset()
-    time.sleep(0.45)
-    assert receiver.calls == []
+    assert sim.stats()["callbacks_pending"] == 0
+    sim.configure(latency=0)
+    after = api.task_id("a robin", callBackUrl=receiver.url)
+    receiver.wait(1)
+    stats = settled(sim)
+    assert [c["body"]["data"]["taskId"] for c in receiver.calls] == [after]
+    assert [c["taskId"] for c in stats["callbacks"]] == [after]
+
+
+# -------------------------------------------------------------- hold and release
+def test_held_task_generates_until_released_by_id(start):
+    sim, api = start()
+    first, second = api.task_id("a moth [sim:hold]"), api.task_id("a moth [sim:hold]")
+    assert api.finished(api.task_id("a moth"))["successFlag"] == 1  # latency 0: unheld is done at once
+    assert [api.record(t)["successFlag"] for t in (first, second)] == [0, 0]
+    stats = sim.stats()
+    assert stats["held"] == [first, second]
+    assert stats["tasks"][first]["held"] is True
+    assert stats["tasks"][first]["outcome"] == "success"
+    assert sim.release(first) == [first]
+    assert api.record(first)["successFlag"] == 1  # no latency marker: complete at release
+    assert api.record(second)["successFlag"] == 0
+    stats = sim.stats()
+    assert (stats["held"], stats["tasks"][first]["held"]) == ([second], False)
+
+
+def test_release_by_exact_prompt_and_release_all(start):
+    sim, api = start()
+    twins = [api.task_id("a kite [sim:hold]") for _ in range(2)]
+    others = [api.task_id("A kite [sim:hold]"), api.task_id("a kite [sim:hold] ")]
+    assert sorted(sim.release(prompt="a kite [sim:hold]")) == sorted(twins)
+    assert [api.record(t)["successFlag"] for t in twins + others] == [1, 1, 0, 0]
+    assert sim.stats()["held"] == others
+    assert sim.release(all_held=True) == others
+    assert [api.record(t)["successFlag"] for t in others] == [1, 1]
+    assert sim.release(all_held=True) == []  # nothing held is not an error for "all"
+
+
+def test_released_task_completes_after_its_latency_marker_with_its_outcome(start):
+    sim, api = start(latency=100, time_factor=0.5, timestamp_format="epoch_ms")
+    plain = api.task_id("a yak [sim:hold]")
+    marked = api.task_id("a gnu [sim:hold] [sim:latency=0.4] [sim:content_policy]")
+    assert sim.stats()["tasks"][marked]["outcome"] == "content_policy"
+    before = time.time()
+    assert sorted(sim.release(all_held=True)) == sorted([plain, marked])
+    after = time.time()
+    assert api.record(plain)["successFlag"] == 1  # config latency (100 s) does not apply after release
+    done = api.finished(marked)
+    assert (done["successFlag"], done["errorCode"]) == (3, 400)
+    # release time (between the client's readings) + 0.4 s x time_factor 0.5, in ms (±1 for rounding)
+    assert int(before * 1000) + 199 <= done["completeTime"] <= after * 1000 + 201
+
+
+def test_release_schedules_the_callback_of_a_held_task(start, receiver):
+    sim, api = start(latency=600)
+    api.task_id("a slow one", callBackUrl=receiver.url)
+    held = api.task_id("a crow [sim:hold]", callBackUrl=receiver.url)
+    assert sim.stats()["callbacks_pending"] == 1  # the slow one's timer; none for the held task
+    released = time.monotonic()
+    sim.release(held)
+    [call] = receiver.wait(1)
+    assert call["at"] >= released
+    assert call["body"]["code"] == 200
+    assert call["body"]["data"]["taskId"] == held
+    assert call["body"]["data"]["info"] == api.record(held)["response"]
+
+
+def test_release_refuses_what_matches_no_held_task(start):
+    sim, api = start()
+    done = api.task_id("a cod")
+    with pytest.raises(ValueError, match="no held task"):
+        sim.release(done)
+    with pytest.raises(ValueError, match="no held task"):
+        sim.release("0" * 32)
+    with pytest.raises(ValueError, match="no held task"):
+        sim.release(prompt="a cod [sim:hold]")
+    with pytest.raises(ValueError, match="exactly one"):
+        sim.release()
+    for body in ({"task_id": "x", "all": True}, {"all": False}, {"prompt": ""}, {"taskId": "x"}, []):
+        answer = requests.post(sim.url + "/_sim/release", json=body)
+        assert answer.status_code == 422, body
+        assert answer.json()["error"]
+
+
+def test_hold_cannot_be_combined_with_never_and_reset_forgets_held_tasks(start):
+    sim, api = start()
+    answer = api.submit("a yeti [sim:hold] [sim:never]").json()
+    assert answer["code"] == 422
+    assert "[sim:hold]" in answer["msg"]
+    api.task_id("a ghost [sim:hold]")
+    sim.reset()
+    assert sim.stats()["held"] == []
+    assert sim.release(all_held=True) == []
+
+
+# ------------------------------------------------------------ held answers
+def test_submit_answer_delay_holds_the_answer_for_at_least_the_delay(start):
+    sim, api = start(submit_answer_delay=0.5, timestamp_format="epoch_ms")
+    started = time.monotonic()
+    answer = api.submit("a sloth").json()
+    assert time.monotonic() - started >= 0.49  # timers may round a millisecond or so
+    assert answer["code"] == 200
+    refused = time.monotonic()
+    assert api.submit("").json()["code"] == 422  # refusals are held back too
+    assert time.monotonic() - refused >= 0.49
+    assert sim.stats(tasks=False)["submissions_in_flight"] == 0
+
+
+def test_in_flight_submission_is_already_created_and_charged(start):
+    sim, _ = start(submit_answer_delay=600)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(Api(sim.url).submit, "a koala")
+        stats = in_flight(sim, 1)
+        assert (stats["submissions_total"], stats["credits"]) == (1, 995)
+        [task_id] = stats["tasks"]
+        assert not pending.done()  # its answer is still held back
+        sim.configure(submit_answer_delay=0)  # lowering the delay sends held answers at once
+        answer = pending.result(timeout=PATIENCE)
+    assert answer.json()["data"]["taskId"] == task_id
+    assert sim.stats(tasks=False)["submissions_in_flight"] == 0
+
+
+def test_client_killed_while_waiting_for_its_answer_leaves_a_charged_task(start):
+    sim, api = start(submit_answer_delay=600)
+    client = f"""
+import requests
+session = requests.Session()
+session.trust_env = False
+session.post({sim.url + GENERATE!r}, json={{"prompt": "a lemur"}},
+             headers={{"Authorization": "Bearer test-key"}}, timeout=900)
+"""
+    child = subprocess.Popen([sys.executable, "-c", client])
+    try:
+        [task_id] = in_flight(sim, 1)["tasks"]
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    in_flight(sim, 0)  # the server saw the client go, long before the 600 s delay
+    stats = sim.stats()
+    assert (stats["submissions"], stats["credits"]) == ({"a lemur": 1}, 995)
+    assert api.finished(task_id)["successFlag"] == 1
 
 
 # ------------------------------------------------------------- stats and control
@@ -699,11 +1020,25 @@ def test_stats_count_everything(start):
         "successFlag": 1,
     }
     assert task["submitted_at"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert task["held"] is False
     assert stats["callbacks"] == []
+    assert (stats["held"], stats["submissions_in_flight"], stats["callbacks_pending"]) == ([], 0, 0)
+    assert (stats["faults"], stats["faults_by_endpoint"]) == ({}, {})
+
+
+def test_stats_can_leave_out_the_task_map(start):
+    sim, api = start()
+    ids = {api.task_id(f"a newt {i}") for i in range(3)}
+    full, light = sim.stats(), sim.stats(tasks=False)
+    assert set(full["tasks"]) == ids
+    assert "tasks" not in light
+    assert {k: v for k, v in full.items() if k != "tasks"} == light
+    assert "tasks" not in requests.get(sim.url + "/_sim/stats", params={"tasks": "0"}).json()
+    assert set(requests.get(sim.url + "/_sim/stats", params={"tasks": "1"}).json()["tasks"]) == ids
 
 
 def test_reset_forgets_tasks_counters_windows_and_injections(start):
-    sim, api = start(rate_limit_count=1, credits=50)
+    sim, api = start(rate_limit_count=1, rate_limit_window=600, credits=50)
     task_id = api.task_id("a vole")
     assert api.submit("b").json()["code"] == 429
     sim.inject(endpoint="credit", code=500, times=5)
@@ -745,10 +1080,11 @@ def test_config_rejects_bad_values_at_construction():
 def test_fixture_points_the_default_connection_at_the_simulator(imagecb_simulator):
     assert os.environ["AIRFLOW_CONN_IMAGECB_DEFAULT"] == imagecb_simulator.connection_json()
     assert imagecb_simulator.config.latency == 0.2
+    imagecb_simulator.configure(timestamp_format="epoch_ms")
     api = Api(imagecb_simulator.url)
-    task_id = api.task_id()
-    assert api.record(task_id)["successFlag"] == 0
-    assert api.finished(task_id)["successFlag"] == 1
+    done = api.finished(api.task_id())
+    assert done["successFlag"] == 1
+    assert 199 <= done["completeTime"] - done["createTime"] <= 201  # the fixture's 0.2 s latency
 
 
 # -------------------------------------------------------------------------- CLI
@@ -767,24 +1103,42 @@ def test_cli_prints_where_it_listens_and_never_the_keys():
     env = dict(os.environ, PYTHONPATH=str(PLUGINS), IMAGECB_SIM_WEBHOOK_HMAC_KEY="whk-cli-secret")
     command = [sys.executable, "-m", "imagecb_provider.testing.simulator", "--port", "0"]
     command += ["--api-key", "cli-secret", "--rate-limit", "2/5", "--log-level", "warning"]
+    command += ["--fault-endpoints", "credit,files", "--fault-kinds", "500,429"]
+    command += ["--submit-answer-delay", "0.25"]
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
         assert "cli-secret" not in line
         url = re.search(r"http://\S+", line).group(0)
-        wait_for(lambda: _answers(url), timeout=10)
+        wait_for(lambda: _answers(url))
         config = requests.get(url + "/_sim/config").json()
         assert (config["rate_limit_count"], config["rate_limit_window"]) == (2, 5.0)
+        assert (config["fault_endpoints"], config["fault_kinds"]) == (["credit", "files"], ["500", "429"])
+        assert config["submit_answer_delay"] == 0.25
         assert config["webhook_hmac_key"] == "***"
         assert Api(url, "cli-secret").credit() == 1000
+        assert child.poll() is None
     finally:
         child.terminate()
         child.wait(timeout=10)
-    assert child.returncode is not None
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (older ones exit 0)
+    assert child.returncode in (0, -signal.SIGTERM)
+    assert not _answers(url)
+
+
+def test_cli_refuses_a_random_drop_on_generate():
+    env = dict(os.environ, PYTHONPATH=str(PLUGINS))
+    command = [sys.executable, "-m", "imagecb_provider.testing.simulator", "--port", "0"]
+    command += ["--fault-endpoints", "generate"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "'drop' cannot apply to the generate endpoint" in done.stderr
+    assert "listening" not in done.stdout
 
 
 def _answers(url: str) -> bool:
+    """Tell whether ``/_sim/health`` answers (the socket listens before the server runs: timeouts)."""
     try:
         return requests.get(url + "/_sim/health", timeout=1).ok
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):
         return False

@@ -12,8 +12,10 @@ process), ``python -m imagecb_provider.testing.simulator --port 8089`` (the CLI)
 Endpoints (vendor envelope ``{"code", "msg", "data"}``; ``Authorization: Bearer <api_key>``):
 ``POST /api/v1/flux/kontext/generate``, ``GET /api/v1/flux/kontext/record-info?taskId=``,
 ``GET /api/v1/chat/credit``, ``POST /api/v1/common/download-url``, files under ``/files/``.
-Controls without auth: ``GET /_sim/health``, ``GET /_sim/stats``, ``GET|POST /_sim/config``,
-``POST /_sim/reset``, ``POST /_sim/inject``.
+Controls without auth: ``GET /_sim/health``, ``GET /_sim/stats`` (``?tasks=0``: without the task
+map), ``GET|POST /_sim/config``, ``POST /_sim/reset``, ``POST /_sim/inject`` (``echo`` writes the
+request into the error's ``msg``), ``POST /_sim/release`` (``{"task_id"}``, ``{"prompt"}`` or
+``{"all": true}``: let held tasks finish).
 
 Prompt markers (case-insensitive, anywhere in the prompt; an unknown ``[sim:...]`` is a 422):
 
@@ -26,11 +28,14 @@ Prompt markers (case-insensitive, anywhere in the prompt; an unknown ``[sim:...]
 - ``[sim:flaky]``: the first accepted submission of this exact prompt fails like internal_error,
   every later one succeeds
 - ``[sim:never]``: stays generating forever (no callback)
+- ``[sim:hold]``: stays generating until ``POST /_sim/release``, then completes after its own
+  ``[sim:latency=...]`` (none: at once) with the outcome of its other markers; its callback is
+  scheduled at release
 - ``[sim:latency=SECONDS]``: this task's own latency, still multiplied by ``time_factor``
 - ``[sim:duplicate_callback]``: the completion callback is sent twice
 
-The first outcome marker wins when a prompt has several; ``latency`` and ``duplicate_callback``
-combine with any of them.
+The first outcome marker wins when a prompt has several; ``latency``, ``hold`` and
+``duplicate_callback`` combine with any of them (``hold`` with ``never`` is a 422).
 
 Options (:class:`SimulatorConfig` fields; change them live with ``POST /_sim/config``):
 
@@ -47,8 +52,12 @@ Options (:class:`SimulatorConfig` fields; change them live with ``POST /_sim/con
 - ``origin_ttl`` (600.0): seconds an origin URL lives after completion (not scaled), then 410
 - ``download_url_ttl`` (1200.0): seconds a link from download-url lives
 - ``random_failure_rate`` (0.0) with ``seed`` (0): share of unmarked tasks that fail, reproducibly
-- ``fault_rate`` (0.0) with ``fault_kinds`` (("500", "455", "drop")): share of record-info calls
-  answered 500/455 or cut mid-answer (a connection-level error for the client)
+- ``fault_rate`` (0.0) with ``fault_kinds`` (("500", "455", "drop"); also "429", with
+  ``Retry-After: 1``) and ``fault_endpoints`` (("record-info",); also generate, credit,
+  download-url, files): share of those calls answered 500/455/429 or cut mid-answer (a
+  connection-level error for the client); never charged; "drop" with "generate" is refused
+- ``submit_answer_delay`` (0.0): seconds a submission's answer is held back (not scaled); the task
+  is created and charged at receipt; ``/_sim/stats`` counts ``submissions_in_flight``
 - ``webhook_hmac_key`` (None): sign callbacks (``X-Webhook-Timestamp``, ``X-Webhook-Signature``)
 - ``duplicate_callbacks`` (False): send every callback twice
 - ``callback_retry_delays`` ((60.0, 300.0, 900.0)): waits before each callback retry (scaled)

@@ -18,8 +18,13 @@ from typing import Any
 import uvicorn
 
 from imagecb_provider.testing.simulator.app import create_app
-from imagecb_provider.testing.simulator.config import FAULT_KINDS, TIMESTAMP_FORMATS, SimulatorConfig
-from imagecb_provider.testing.simulator.server import CONFIG_ENV, base_url, bind_socket
+from imagecb_provider.testing.simulator.config import (
+    FAULT_ENDPOINTS,
+    FAULT_KINDS,
+    TIMESTAMP_FORMATS,
+    SimulatorConfig,
+)
+from imagecb_provider.testing.simulator.server import CONFIG_ENV, SimulatorServer, base_url, bind_socket
 
 HMAC_KEY_ENV = "IMAGECB_SIM_WEBHOOK_HMAC_KEY"
 API_KEY_ENV = "IMAGECB_SIM_API_KEY"
@@ -42,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timestamp-format", choices=TIMESTAMP_FORMATS, help="createTime/completeTime form (default iso)")
     add("--origin-ttl", type=float, help="seconds an origin image URL lives after completion (default 600)")
     add("--download-url-ttl", type=float, help="seconds a fresh download URL lives (default 1200)")
-    add("--fault-rate", type=float, help="share of record-info calls that fail at random (default 0)")
-    add("--fault-kinds", help=f"comma-separated subset of {','.join(FAULT_KINDS)} (default all)")
+    add("--fault-rate", type=float, help="share of --fault-endpoints calls failing at random (default 0)")
+    add("--fault-kinds", help=f"comma-separated subset of {','.join(FAULT_KINDS)} (default 500,455,drop)")
+    endpoints = ",".join(FAULT_ENDPOINTS)
+    add("--fault-endpoints", help=f"comma-separated subset of {endpoints} (default record-info)")
+    add("--submit-answer-delay", type=float, help="seconds a submission's answer is held back (default 0)")
     add("--random-failure-rate", type=float, help="share of unmarked tasks that fail (default 0)")
     add("--seed", type=int, help="seed of the random choices (default 0)")
     add("--disabled-models", help="comma-separated models answered with 505")
@@ -74,13 +82,16 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Simulat
             fields[name] = environ[env]
     simple = (
         "api_key latency time_factor credits http_status_errors timestamp_format origin_ttl "
-        "download_url_ttl fault_rate random_failure_rate seed duplicate_callbacks webhook_hmac_key"
+        "download_url_ttl fault_rate random_failure_rate seed duplicate_callbacks webhook_hmac_key "
+        "submit_answer_delay"
     )
     fields |= {name: getattr(args, name) for name in simple.split() if getattr(args, name) is not None}
     if args.rate_limit:
         fields |= _rate_limit(args.rate_limit)
     if args.fault_kinds is not None:
         fields["fault_kinds"] = _csv(args.fault_kinds)
+    if args.fault_endpoints is not None:
+        fields["fault_endpoints"] = _csv(args.fault_endpoints)
     if args.disabled_models is not None:
         fields["disabled_models"] = _csv(args.disabled_models)
     try:
@@ -103,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from(args, os.environ)
     sock = bind_socket(args.host, args.port)
     print(_banner(base_url(args.host, sock.getsockname()[1]), config), flush=True)
-    server = uvicorn.Server(
+    server = SimulatorServer(
         uvicorn.Config(create_app(config), log_level=args.log_level, access_log=args.access_log)
     )
     server.run(sockets=[sock])

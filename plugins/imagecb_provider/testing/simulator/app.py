@@ -4,6 +4,10 @@ The FastAPI application: the vendor's four API endpoints, the files, and the ``/
 Every API answer goes through :func:`answer`, which is where the vendor's habit of sending
 errors as HTTP 200 (with the real code in the body) is switched to real HTTP statuses, so the
 two modes cannot drift apart endpoint by endpoint.
+
+Each endpoint reads the whole request before deciding anything, so a submission is either
+refused or accepted (created and charged) in one step of the event loop: whoever reads
+``/_sim/stats`` sees either nothing of it or all of it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import pydantic_core
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -35,6 +40,7 @@ RECORD_INFO_PATH = "/api/v1/flux/kontext/record-info"
 CREDIT_PATH = "/api/v1/chat/credit"
 DOWNLOAD_URL_PATH = "/api/v1/common/download-url"
 RAW_SEND = "imagecb.sim.raw_send"
+PARTIAL_JSON = b'{"code": 200, "msg": "succ'
 FILE_PATH = re.compile(r"^/files/(?P<task_id>[0-9a-f]{32})/(?P<kind>origin|result)\.(?P<ext>jpg|png)$")
 
 DEFAULT_MESSAGES = {
@@ -71,12 +77,14 @@ class DroppedConnection(Response):
     and aiohttp ``ClientPayloadError``: a connection-level failure seen by the caller.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, partial: bytes = PARTIAL_JSON, kind: bytes = b"application/json") -> None:
         super().__init__(content=b"")
+        self.partial = partial
+        self.kind = kind
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        partial = b'{"code": 200, "msg": "succ'
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % (len(partial) + 512))]
+        partial = self.partial
+        headers = [(b"content-type", self.kind), (b"content-length", b"%d" % (len(partial) + 512))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": partial, "more_body": True})
         await _close_transport(scope)
@@ -95,11 +103,61 @@ async def _close_transport(scope: Scope) -> None:
         await asyncio.sleep(0.005)
 
 
+class HeldAnswers:
+    """
+    Holds submission answers back until ``submit_answer_delay`` has passed since their receipt.
+
+    The delay is read from the live config while waiting, so lowering it (to 0, say) sends the
+    held answers at once; a client that disconnects ends its wait too, as nobody is left to answer,
+    and so does the server's shutdown (:meth:`close`), which would otherwise wait for them.
+    """
+
+    def __init__(self, state: SimState) -> None:
+        self.state = state
+        self.closed = False
+        self._wakers: set[asyncio.Future[None]] = set()
+
+    def close(self) -> None:
+        """Send every held answer now and hold no more (the server is stopping)."""
+        self.closed = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Make every waiting answer look at the (changed) delay again."""
+        for waker in self._wakers:
+            if not waker.done():
+                waker.set_result(None)
+
+    async def hold(self, request: Request, received: float) -> None:
+        """Wait until ``received`` (monotonic) + the delay, or until the client is gone."""
+        if self.closed or self.state.config.submit_answer_delay <= 0:
+            return
+        # The body has been read, so the next message uvicorn delivers is the disconnect.
+        gone = asyncio.ensure_future(request.receive())
+        try:
+            while not gone.done() and not self.closed:
+                remaining = received + self.state.config.submit_answer_delay - time.monotonic()
+                if remaining <= 0:
+                    return
+                await self._wait(gone, remaining)
+        finally:
+            gone.cancel()
+
+    async def _wait(self, gone: asyncio.Future[Any], timeout: float) -> None:
+        changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wakers.add(changed)
+        try:
+            await asyncio.wait({gone, changed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._wakers.discard(changed)
+
+
 def create_app(config: SimulatorConfig | None = None) -> FastAPI:
     """A new simulator app with its own state; ``app.state.simulator`` is the :class:`SimState`."""
     state = SimState(config if config is not None else SimulatorConfig())
     sender = CallbackSender(state)
     images = ImageCache()
+    held_answers = HeldAnswers(state)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,23 +167,27 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
     app = _SimulatorApp(title="imagecb API simulator", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.simulator = state
     app.state.callbacks = sender
-    api = _Api(state, sender, images)
+    app.state.held_answers = held_answers
+    api = _Api(state, sender, images, held_answers)
     app.add_api_route(GENERATE_PATH, api.generate, methods=["POST"])
     app.add_api_route(RECORD_INFO_PATH, api.record_info, methods=["GET"])
     app.add_api_route(CREDIT_PATH, api.credit, methods=["GET"])
     app.add_api_route(DOWNLOAD_URL_PATH, api.download_url, methods=["POST"])
     app.add_api_route("/files/{task_id}/{name}", api.file, methods=["GET"])
-    _add_controls(app, state, sender, images)
+    _add_controls(app, state, sender, images, held_answers)
     return app
 
 
 class _Api:
     """The vendor endpoints; one instance per app, holding that app's state."""
 
-    def __init__(self, state: SimState, sender: CallbackSender, images: ImageCache) -> None:
+    def __init__(
+        self, state: SimState, sender: CallbackSender, images: ImageCache, held_answers: HeldAnswers
+    ) -> None:
         self.state = state
         self.sender = sender
         self.images = images
+        self.held_answers = held_answers
 
     # ------------------------------------------------------------------ helpers
     def answer(
@@ -151,29 +213,35 @@ class _Api:
         self.state.counters.rejected[code] += 1
         return self.answer(code, msg, headers=headers)
 
-    def forced(self, injection: Injection) -> Response:
+    def forced(self, injection: Injection, request: Request, raw: bytes) -> Response:
+        """Answer as injected; with ``echo`` the ``msg`` carries the request as received."""
         self.state.counters.injected["drop" if injection.drop else injection.code] += 1
         if injection.drop:
             return DroppedConnection()
         headers = None
         if injection.retry_after is not None:
             headers = {"Retry-After": _seconds(injection.retry_after)}
-        return self.answer(injection.code, injection.msg, http_status=injection.http_status, headers=headers)
+        msg = injection.msg
+        if injection.echo:
+            msg = f"{msg or DEFAULT_MESSAGES.get(injection.code, 'error')} | {_echo(request, raw)}"
+        return self.answer(injection.code, msg, http_status=injection.http_status, headers=headers)
 
-    def fault(self) -> Response | None:
-        kind = self.state.draw_fault()
+    def fault(self, endpoint: str) -> Response | None:
+        """Answer with a random fault drawn for ``endpoint`` (see ``fault_endpoints``), or return ``None``."""
+        kind = self.state.draw_fault(endpoint)
         if kind is None:
             return None
-        self.state.counters.faults[kind] += 1
-        return DroppedConnection() if kind == "drop" else self.answer(int(kind))
+        if kind == "drop":
+            return DroppedConnection()
+        return self.answer(int(kind), headers=_fault_headers(kind))
 
-    def guard(self, request: Request, endpoint: str, *, faults: bool = False) -> Response | None:
+    def guard(self, request: Request, endpoint: str, raw: bytes) -> Response | None:
         """Count the call, then injected answers, random faults, and the API key, in that order."""
         self.state.counters.requests[endpoint] += 1
         injection = self.state.take_injection(endpoint)
         if injection is not None:
-            return self.forced(injection)
-        fault = self.fault() if faults else None
+            return self.forced(injection, request, raw)
+        fault = self.fault(endpoint)
         if fault is not None:
             return fault
         if _bearer(request) != self.state.config.api_key:
@@ -182,11 +250,28 @@ class _Api:
 
     # ---------------------------------------------------------------- endpoints
     async def generate(self, request: Request) -> Response:
-        """Submit: injections, key, fields, disabled model, rate limit, credits, then accept."""
-        refused = self.guard(request, "generate")
+        """
+        Submit, then hold the answer ``submit_answer_delay`` seconds (or until the client leaves).
+
+        Everything between the body's arrival and the decision is synchronous, so a task counted
+        in ``submissions_in_flight`` has already been created and charged (or refused).
+        """
+        raw = await request.body()
+        received = time.monotonic()
+        self.state.submissions_in_flight += 1
+        try:
+            answer = self.submit(request, raw)
+            await self.held_answers.hold(request, received)
+            return answer
+        finally:
+            self.state.submissions_in_flight -= 1
+
+    def submit(self, request: Request, raw: bytes) -> Response:
+        """Decide a submission: injections, faults, key, fields, disabled model, rate limit, credits."""
+        refused = self.guard(request, "generate", raw)
         if refused is not None:
             return refused
-        body = await _json_body(request)
+        body = _parse(raw)
         try:
             plan = validate_submission(body)
         except ValidationFailure as error:
@@ -217,7 +302,7 @@ class _Api:
         task_id = request.query_params.get("taskId")
         if task_id:
             self.state.counters.status_calls[task_id] += 1
-        refused = self.guard(request, "record-info", faults=True)
+        refused = self.guard(request, "record-info", await request.body())
         if refused is not None:
             return refused
         if not task_id:
@@ -228,16 +313,17 @@ class _Api:
         return self.answer(200, "success", self.state.record(task, str(request.base_url), time.time()))
 
     async def credit(self, request: Request) -> Response:
-        refused = self.guard(request, "credit")
+        refused = self.guard(request, "credit", await request.body())
         if refused is not None:
             return refused
         return self.answer(200, "success", number(self.state.credits))
 
     async def download_url(self, request: Request) -> Response:
-        refused = self.guard(request, "download-url")
+        raw = await request.body()
+        refused = self.guard(request, "download-url", raw)
         if refused is not None:
             return refused
-        body = await _json_body(request)
+        body = _parse(raw)
         url = body.get("url") if isinstance(body, dict) else None
         if not isinstance(url, str) or not url:
             return self.reject(422, "url is required and must be a string")
@@ -264,6 +350,9 @@ class _Api:
 
     async def file(self, request: Request, task_id: str, name: str) -> Response:
         """A task's image; origin links expire, signed fresh links last ``download_url_ttl``."""
+        fault = self._file_fault()
+        if fault is not None:
+            return fault
         path = f"/files/{task_id}/{name}"
         match = FILE_PATH.match(path)
         task = self._finished(match) if match else None
@@ -278,6 +367,16 @@ class _Api:
             self.images.put(task.task_id, data)
         self.state.counters.downloads[path] += 1
         return Response(data, media_type=CONTENT_TYPES[task.output_format])
+
+    def _file_fault(self) -> Response | None:
+        """Answer a download with a random fault: a plain-text HTTP error (no envelope) or a cut."""
+        kind = self.state.draw_fault("files")
+        if kind is None:
+            return None
+        if kind == "drop":
+            return DroppedConnection(b"\xff\xd8\xff\xe0", b"application/octet-stream")
+        text = f"simulated fault {kind}\n"
+        return Response(text, status_code=int(kind), media_type="text/plain", headers=_fault_headers(kind))
 
     def _link_refused(self, request: Request, task: Task, path: str, kind: str) -> Response | None:
         now = time.time()
@@ -295,7 +394,16 @@ class _Api:
         return None
 
 
-def _add_controls(app: FastAPI, state: SimState, sender: CallbackSender, images: ImageCache) -> None:
+class _FastJSON(JSONResponse):
+    """JSON rendered by pydantic-core (a FastAPI dependency): stats of 10,000 tasks in milliseconds."""
+
+    def render(self, content: Any) -> bytes:
+        return pydantic_core.to_json(content)
+
+
+def _add_controls(
+    app: FastAPI, state: SimState, sender: CallbackSender, images: ImageCache, held_answers: HeldAnswers
+) -> None:
     """``/_sim/*``: no auth, plain JSON, for tests and demos to steer and inspect."""
 
     @app.get("/_sim/health")
@@ -303,8 +411,12 @@ def _add_controls(app: FastAPI, state: SimState, sender: CallbackSender, images:
         return {"ok": True}
 
     @app.get("/_sim/stats")
-    async def stats() -> dict[str, Any]:
-        return state.stats()
+    async def stats(request: Request) -> Response:
+        # Rendered directly: FastAPI's encoder would first walk 10,000 task entries one by one.
+        with_tasks = request.query_params.get("tasks", "1").lower() not in ("0", "false", "no", "off")
+        data = state.stats(tasks=with_tasks)
+        data["callbacks_pending"] = sender.pending()
+        return _FastJSON(data)
 
     @app.get("/_sim/config")
     async def get_config() -> dict[str, Any]:
@@ -319,6 +431,8 @@ def _add_controls(app: FastAPI, state: SimState, sender: CallbackSender, images:
             state.configure(changes)
         except ValueError as error:
             return JSONResponse({"error": str(error)}, status_code=422)
+        if "submit_answer_delay" in changes:
+            held_answers.wake()
         return JSONResponse(state.config.to_dict())
 
     @app.post("/_sim/reset")
@@ -337,12 +451,45 @@ def _add_controls(app: FastAPI, state: SimState, sender: CallbackSender, images:
         state.injections.append(injection)
         return JSONResponse({"queued": len(state.injections)})
 
+    @app.post("/_sim/release")
+    async def release(request: Request) -> Response:
+        try:
+            task_id, prompt = _release_target(await _json_body(request))
+        except ValueError as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        tasks = state.held_matching(task_id, prompt)
+        if not tasks and (task_id is not None or prompt is not None):
+            what = f"taskId {task_id!r}" if task_id is not None else f"prompt {prompt!r}"
+            return JSONResponse({"error": f"no held task with {what}"}, status_code=404)
+        now = time.time()
+        for task in tasks:
+            state.release(task, now)
+            sender.schedule(task)
+        return JSONResponse({"released": [task.task_id for task in tasks]})
+
+
+def _release_target(body: Any) -> tuple[str | None, str | None]:
+    """Read ``(task_id, prompt)`` from a ``/_sim/release`` body; ``(None, None)`` means all held tasks."""
+    if not isinstance(body, dict):
+        raise ValueError('body must be a JSON object: {"task_id": ...}, {"prompt": ...} or {"all": true}')
+    unknown = set(body) - {"task_id", "prompt", "all"}
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if len(body) != 1:
+        raise ValueError("give exactly one of task_id, prompt or all")
+    if body.get("all") is True:
+        return None, None
+    value = body.get("task_id", body.get("prompt"))
+    if "all" in body or not isinstance(value, str) or not value:
+        raise ValueError("task_id and prompt must be non-empty strings; all must be true")
+    return (value, None) if "task_id" in body else (None, value)
+
 
 def _injection(body: Any) -> Injection:
     """Check an ``/_sim/inject`` body; a drop needs no code."""
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
-    unknown = set(body) - {"endpoint", "code", "times", "retry_after", "msg", "http_status", "drop"}
+    unknown = set(body) - {"endpoint", "code", "times", "retry_after", "msg", "http_status", "drop", "echo"}
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
     endpoint = body.get("endpoint", "*")
@@ -362,8 +509,14 @@ def _injection(body: Any) -> Injection:
     http_status = body.get("http_status")
     if http_status is not None and not isinstance(http_status, bool):
         raise ValueError("http_status must be true, false or null")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ValueError("echo must be true or false")
+    if echo and drop:
+        raise ValueError("echo writes the request into the answer's msg, so it cannot go with drop")
     msg = body.get("msg")
-    return Injection(endpoint, code, times, retry_after, None if msg is None else str(msg), http_status, drop)
+    msg = None if msg is None else str(msg)
+    return Injection(endpoint, code, times, retry_after, msg, http_status, drop, echo)
 
 
 def _bearer(request: Request) -> str | None:
@@ -372,10 +525,28 @@ def _bearer(request: Request) -> str | None:
 
 
 async def _json_body(request: Request) -> Any:
+    return _parse(await request.body())
+
+
+def _parse(raw: bytes) -> Any:
+    """Decode a request body as JSON; ``None`` when it is empty or not JSON."""
     try:
-        return json.loads(await request.body() or b"null")
+        return json.loads(raw or b"null")
     except ValueError:
         return None
+
+
+def _echo(request: Request, raw: bytes) -> str:
+    """Render the request as received: method, path, every header line (values verbatim), the body."""
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    lines = [f"{request.method} {target}"]
+    lines += [f"{name.decode('latin-1')}: {value.decode('latin-1')}" for name, value in request.headers.raw]
+    return "request as received:\n" + "\n".join(lines) + "\n\n" + raw.decode("utf-8", errors="replace")
+
+
+def _fault_headers(kind: str) -> dict[str, str] | None:
+    """Give a random 429 a ``Retry-After``, as the real rate limit tells the client when to come back."""
+    return {"Retry-After": "1"} if kind == "429" else None
 
 
 def _seconds(value: float) -> str:

@@ -63,6 +63,10 @@ class CallbackSender:
         loop = asyncio.get_running_loop()
         self._timers[task.task_id] = loop.call_later(delay, self._start, task)
 
+    def pending(self) -> int:
+        """Count the deliveries armed or under way: completion timers, chains sending or awaiting a retry."""
+        return len(self._timers) + len(self._running)
+
     def cancel_all(self) -> None:
         """Forget every pending and running delivery (``/_sim/reset`` and shutdown)."""
         for handle in self._timers.values():

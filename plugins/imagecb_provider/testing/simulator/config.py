@@ -22,7 +22,11 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 }
 OUTPUT_FORMATS = ("jpeg", "png")
 MODELS = ("flux-kontext-pro", "flux-kontext-max")
-FAULT_KINDS = ("500", "455", "drop")
+#: Fault kinds ``fault_kinds`` may name; the default keeps to the first three (record-info's habits).
+FAULT_KINDS = ("500", "455", "429", "drop")
+DEFAULT_FAULT_KINDS = ("500", "455", "drop")
+#: Endpoints ``fault_endpoints`` may name: the four API calls and the file downloads.
+FAULT_ENDPOINTS = ("generate", "record-info", "credit", "download-url", "files")
 TIMESTAMP_FORMATS = ("iso", "epoch_ms")
 SECRET_FIELDS = ("api_key", "webhook_hmac_key")
 REDACTED = "***"
@@ -57,7 +61,9 @@ class SimulatorConfig:
     random_failure_rate: float = 0.0
     seed: int = 0
     fault_rate: float = 0.0
-    fault_kinds: tuple[str, ...] = FAULT_KINDS
+    fault_kinds: tuple[str, ...] = DEFAULT_FAULT_KINDS
+    fault_endpoints: tuple[str, ...] = ("record-info",)
+    submit_answer_delay: float = 0.0
     webhook_hmac_key: str | None = field(default=None, repr=False)
     duplicate_callbacks: bool = False
     callback_retry_delays: tuple[float, ...] = (60.0, 300.0, 900.0)
@@ -77,6 +83,7 @@ class SimulatorConfig:
         if unknown:
             raise ValueError(f"unknown simulator option(s): {', '.join(unknown)}")
         coerced = {name: _coerce(name, value) for name, value in changes.items()}
+        _check_combination({name: coerced.get(name, getattr(self, name, None)) for name in _COMBINED})
         for name, value in coerced.items():
             object.__setattr__(self, name, value)
         return self
@@ -84,7 +91,7 @@ class SimulatorConfig:
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """JSON-ready copy; secrets become ``***`` unless ``redact`` is false (child processes)."""
         data = dataclasses.asdict(self)
-        for name in ("disabled_models", "fault_kinds", "callback_retry_delays"):
+        for name in ("disabled_models", "fault_kinds", "fault_endpoints", "callback_retry_delays"):
             data[name] = list(data[name])
         if redact:
             for name in SECRET_FIELDS:
@@ -164,6 +171,8 @@ _COERCERS: dict[str, Any] = {
     "seed": lambda n, v: _integer(n, v, low=-(2**63)),
     "fault_rate": lambda n, v: _number(n, v, high=1.0),
     "fault_kinds": lambda n, v: _strings(n, v, FAULT_KINDS),
+    "fault_endpoints": lambda n, v: _strings(n, v, FAULT_ENDPOINTS),
+    "submit_answer_delay": _number,
     "webhook_hmac_key": _optional_text,
     "duplicate_callbacks": _boolean,
     "callback_retry_delays": lambda n, v: tuple(_number(n, d) for d in _strings_or_numbers(n, v)),
@@ -179,3 +188,24 @@ def _strings_or_numbers(name: str, value: Any) -> tuple[Any, ...]:
 
 def _coerce(name: str, value: Any) -> Any:
     return _COERCERS[name](name, value)
+
+
+_COMBINED = ("fault_kinds", "fault_endpoints")
+
+
+def _check_combination(values: dict[str, Any]) -> None:
+    """
+    Refuse a random ``drop`` on ``generate``: the client could not tell it from a lost answer.
+
+    The server learns that a request is a submission only after the client has sent it, so a
+    connection cut then looks to the client exactly like an answer lost after the charge; the
+    provider rightly treats that as "maybe charged" and never resends, which a test expecting
+    "never charged" would misread. Injected drops (``/_sim/inject``) stay available: the test
+    that queues one knows what it did.
+    """
+    if "drop" in (values["fault_kinds"] or ()) and "generate" in (values["fault_endpoints"] or ()):
+        raise ValueError(
+            "fault_kinds 'drop' cannot apply to the generate endpoint (a cut submission is "
+            "indistinguishable from a charged one whose answer was lost): leave 'drop' out of "
+            "fault_kinds (e.g. 500, 455, 429) or 'generate' out of fault_endpoints"
+        )

@@ -73,17 +73,23 @@ OUTCOMES: dict[str, Outcome] = {
 #: Outcomes ``random_failure_rate`` draws from, by errorCode.
 RANDOM_FAILURES = {400: "content_policy", 500: "internal_error", 501: "generation_failed"}
 
-FLAG_MARKERS = ("flaky", "never", "duplicate_callback")
+FLAG_MARKERS = ("flaky", "never", "hold", "duplicate_callback")
 _MARKER = re.compile(r"\[sim:([a-z_]+)(?:=([^\]]*))?\]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the markers of one prompt ask for; ``None`` fields mean "no marker, use config"."""
+    """
+    What the markers of one prompt ask for; ``None`` fields mean "no marker, use config".
+
+    ``hold`` keeps the task generating until ``POST /_sim/release``; it then completes after
+    ``latency`` (the marker's, or none at all: config ``latency`` does not apply after a release).
+    """
 
     outcome: str | None = None
     flaky: bool = False
     never: bool = False
+    hold: bool = False
     latency: float | None = None
     duplicate_callback: bool = False
 
@@ -101,6 +107,8 @@ def parse_markers(prompt: str) -> Plan:
             found[name] = True
         else:
             raise MarkerError(f"prompt has an unknown simulator marker {match.group(0)!r}")
+    if found.get("hold") and found.get("never"):
+        raise MarkerError("prompt markers [sim:hold] and [sim:never] contradict each other; use one")
     return Plan(**found)  # type: ignore[arg-type]
 
 

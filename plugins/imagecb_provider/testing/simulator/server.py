@@ -48,9 +48,9 @@ class RunningSimulator:
     def __repr__(self) -> str:
         return f"RunningSimulator(url={self.url!r})"
 
-    def stats(self) -> dict[str, Any]:
-        """``GET /_sim/stats``: submissions, status calls, callbacks, credits, ..."""
-        return self._call("GET", "/_sim/stats")
+    def stats(self, *, tasks: bool = True) -> dict[str, Any]:
+        """``GET /_sim/stats`` (counters, credits, held tasks, ...); ``tasks=False`` omits the task map."""
+        return self._call("GET", "/_sim/stats" if tasks else "/_sim/stats?tasks=0")
 
     def configure(self, **fields: Any) -> dict[str, Any]:
         """Change config fields of the running server; returns the new config (keys redacted)."""
@@ -73,11 +73,35 @@ class RunningSimulator:
         msg: str | None = None,
         http_status: bool | None = None,
         drop: bool = False,
+        echo: bool = False,
     ) -> None:
-        """Force the answer of the next ``times`` calls to ``endpoint`` (see ``POST /_sim/inject``)."""
+        """
+        Force the answer of the next ``times`` calls to ``endpoint`` (see ``POST /_sim/inject``).
+
+        ``echo`` appends the request as received (headers, ``Authorization`` included, and body) to
+        the answer's ``msg``, for tests proving that a client masks secrets in what it reports.
+        """
         body = {"endpoint": endpoint, "code": code, "times": times, "retry_after": retry_after}
-        body |= {"msg": msg, "http_status": http_status, "drop": drop}
+        body |= {"msg": msg, "http_status": http_status, "drop": drop, "echo": echo or None}
         self._call("POST", "/_sim/inject", {k: v for k, v in body.items() if v is not None})
+
+    def release(
+        self, task_id: str | None = None, *, prompt: str | None = None, all_held: bool = False
+    ) -> list[str]:
+        """
+        Let held (``[sim:hold]``) tasks finish: one by id, all with this exact prompt, or all of them.
+
+        Give exactly one of the three. Returns the released task ids; a ``task_id`` or ``prompt``
+        that matches no held task raises ``ValueError`` (so a test cannot release too early unseen).
+        """
+        body: dict[str, Any] = {}
+        if task_id is not None:
+            body["task_id"] = task_id
+        if prompt is not None:
+            body["prompt"] = prompt
+        if all_held:
+            body["all"] = True
+        return self._call("POST", "/_sim/release", body)["released"]
 
     def connection_json(self, conn_type: str = "imagecb") -> str:
         """The ``AIRFLOW_CONN_<ID>`` value that points Airflow at this simulator."""
@@ -95,7 +119,18 @@ class RunningSimulator:
             raise ValueError(f"simulator refused {method} {path}: {detail}") from None
 
 
-class _ThreadServer(uvicorn.Server):
+class SimulatorServer(uvicorn.Server):
+    """uvicorn's server that sends held submission answers at once when it stops, not after 2 s."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Send the held answers, then shut down as uvicorn does."""
+        held_answers = getattr(getattr(self.config.app, "state", None), "held_answers", None)
+        if held_answers is not None:
+            held_answers.close()
+        await super().shutdown(sockets)
+
+
+class _ThreadServer(SimulatorServer):
     """uvicorn's server, woken at once by :meth:`stop` instead of at its next 0.1 s tick."""
 
     _loop: asyncio.AbstractEventLoop | None = None

@@ -3,7 +3,8 @@ Everything the simulator remembers: tasks, counters, rate windows, queued faults
 
 A task stores only its submit time and its precomputed completion time; its state is derived
 from the clock on every read, so ten thousand waiting tasks cost ten thousand small objects and
-no timers. All of it is touched only from the server's event loop, so it needs no locks.
+no timers. A held task (``[sim:hold]``) has no completion time until it is released. All of it is
+touched only from the server's event loop, so it needs no locks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ ENDPOINTS = ("generate", "record-info", "credit", "download-url")
 
 @dataclass(slots=True)
 class Task:
-    """One accepted submission; ``complete_at`` is ``None`` for a task that never finishes."""
+    """
+    One accepted submission; ``complete_at`` is ``None`` while it is held or when it never ends.
+
+    ``release_delay`` is the (already scaled) time from release to completion of a held task.
+    """
 
     task_id: str
     prompt: str
@@ -42,6 +47,9 @@ class Task:
     outcome: Outcome
     duplicate_callback: bool
     base_url: str
+    held: bool = False
+    release_delay: float = 0.0
+    submitted_at: str = ""  # ISO text for /_sim/stats, made once: 10,000 tasks are read often
 
     @property
     def aspect_ratio(self) -> str:
@@ -72,6 +80,7 @@ class Injection:
     msg: str | None = None
     http_status: bool | None = None
     drop: bool = False
+    echo: bool = False
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Counters:
     downloads: Counter = field(default_factory=Counter)
     injected: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
+    endpoint_faults: Counter = field(default_factory=Counter)
     callbacks: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -108,12 +118,15 @@ class SimState:
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
         self.url_secret = secrets.token_bytes(16)
+        #: Submissions received whose answer is not yet handed back: a gauge, not reset.
+        self.submissions_in_flight = 0
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
         """Forget tasks, counters, rate windows and injections; refill credits; reseed."""
         self.tasks: dict[str, Task] = {}
+        self.held: dict[str, Task] = {}
         self.counters = Counters()
         self.windows: dict[str, deque[float]] = {}
         self.injections: list[Injection] = []
@@ -145,12 +158,22 @@ class SimState:
                 return injection
         return None
 
-    def draw_fault(self) -> str | None:
-        """A random record-info fault kind per ``fault_rate``, or ``None``."""
+    def draw_fault(self, endpoint: str) -> str | None:
+        """
+        Draw a fault kind for a call to ``endpoint`` per ``fault_rate`` (``None``: no fault) and count it.
+
+        Calls to endpoints outside ``fault_endpoints`` draw no random number, so they never shift
+        the seeded sequence of the configured ones.
+        """
         rate, kinds = self.config.fault_rate, self.config.fault_kinds
-        if rate <= 0 or not kinds or self.fault_rng.random() >= rate:
+        if endpoint not in self.config.fault_endpoints or rate <= 0 or not kinds:
             return None
-        return self.fault_rng.choice(list(kinds))
+        if self.fault_rng.random() >= rate:
+            return None
+        kind = self.fault_rng.choice(list(kinds))
+        self.counters.faults[kind] += 1
+        self.counters.endpoint_faults[endpoint, kind] += 1
+        return kind
 
     def rate_limited(self, key: str, now: float) -> float | None:
         """Seconds until a slot frees when the key's window is full, else ``None``."""
@@ -187,6 +210,7 @@ class SimState:
         model = body.get("model") or "flux-kontext-pro"
         self.credits -= self.cost(model)
         latency = plan.latency if plan.latency is not None else self.config.latency
+        scaled = latency * self.config.time_factor
         task = Task(
             task_id=uuid.uuid4().hex,
             prompt=body["prompt"],
@@ -194,15 +218,32 @@ class SimState:
             params={k: v for k, v in body.items() if k != "callBackUrl"},
             callback_url=body.get("callBackUrl"),
             created=now,
-            complete_at=None if plan.never else now + latency * self.config.time_factor,
+            complete_at=None if plan.never or plan.hold else now + scaled,
             outcome=self.choose_outcome(body["prompt"], plan),
             duplicate_callback=plan.duplicate_callback or self.config.duplicate_callbacks,
             base_url=base_url,
+            held=plan.hold,
+            release_delay=(plan.latency or 0.0) * self.config.time_factor,
+            submitted_at=datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
         )
         self.tasks[task.task_id] = task
+        if task.held:
+            self.held[task.task_id] = task
         self.counters.submissions[task.prompt] += 1
         self.issued_hosts.add(_netloc(base_url))
         return task
+
+    def held_matching(self, task_id: str | None, prompt: str | None) -> list[Task]:
+        """Find the held tasks with this id, or with exactly this prompt, or all of them (both ``None``)."""
+        if task_id is not None:
+            return [self.held[task_id]] if task_id in self.held else []
+        return [t for t in self.held.values() if prompt is None or t.prompt == prompt]
+
+    def release(self, task: Task, now: float) -> None:
+        """Let a held task finish ``release_delay`` seconds from ``now``."""
+        self.held.pop(task.task_id, None)
+        task.held = False
+        task.complete_at = now + task.release_delay
 
     def file_urls(self, task: Task, base_url: str) -> dict[str, str]:
         """Absolute origin and result URLs on the host the client used."""
@@ -241,11 +282,11 @@ class SimState:
         return task.complete_at is not None and now > task.complete_at + self.config.origin_ttl
 
     # --------------------------------------------------------------------- stats
-    def stats(self, now: float | None = None) -> dict[str, Any]:
-        """A JSON-ready snapshot of every counter (``GET /_sim/stats``)."""
+    def stats(self, now: float | None = None, *, tasks: bool = True) -> dict[str, Any]:
+        """Snapshot every counter as JSON-ready data (``GET /_sim/stats``); ``tasks=False`` skips the map."""
         now = time.time() if now is None else now
         c = self.counters
-        return {
+        data = {
             "submissions": dict(c.submissions),
             "submissions_total": sum(c.submissions.values()),
             "rejected": {str(code): n for code, n in c.rejected.items()},
@@ -254,21 +295,33 @@ class SimState:
             "callbacks": list(c.callbacks),
             "credits": number(self.credits),
             "requests": dict(c.requests),
-            "tasks": {tid: self._task_stats(t, now) for tid, t in self.tasks.items()},
             "downloads": dict(c.downloads),
             "injected": {str(k): n for k, n in c.injected.items()},
             "faults": dict(c.faults),
+            "faults_by_endpoint": self._faults_by_endpoint(),
             "pending_injections": sum(i.times for i in self.injections),
+            "held": list(self.held),
+            "submissions_in_flight": self.submissions_in_flight,
         }
+        if tasks:
+            data["tasks"] = {tid: self._task_stats(t, now) for tid, t in self.tasks.items()}
+        return data
+
+    def _faults_by_endpoint(self) -> dict[str, dict[str, int]]:
+        nested: dict[str, dict[str, int]] = {}
+        for (endpoint, kind), count in self.counters.endpoint_faults.items():
+            nested.setdefault(endpoint, {})[kind] = count
+        return nested
 
     @staticmethod
     def _task_stats(task: Task, now: float) -> dict[str, Any]:
         return {
             "prompt": task.prompt,
             "model": task.model,
-            "outcome": task.outcome.name if task.complete_at is not None else "never",
+            "outcome": "never" if task.complete_at is None and not task.held else task.outcome.name,
             "successFlag": task.success_flag(now),
-            "submitted_at": datetime.fromtimestamp(task.created, UTC).isoformat(timespec="milliseconds"),
+            "held": task.held,
+            "submitted_at": task.submitted_at,
         }
 
 
