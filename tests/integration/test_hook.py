@@ -382,12 +382,51 @@ def test_api_key_never_reaches_logs_or_error_text(monkeypatch, imagecb_simulator
         hook.get_credits()
     except ImageCbAuthenticationError as error:
         errors.append(error)
-    assert len(errors) == 5
+    imagecb_simulator.configure(api_key=SECRET_KEY)
+    # The API (or a proxy in front of it) echoes the request, Authorization header included, into
+    # its error message: the sync and the async hook must not pass the key on.
+    imagecb_simulator.inject(endpoint="generate", code=422, echo=True)
+    imagecb_simulator.inject(endpoint="record-info", code=422, echo=True)
+    for call in (lambda: hook.submit(GenerationRequest(prompt="a seal")), lambda: _async_get(task_id)):
+        with pytest.raises(ImageCbValidationError) as info:
+            call()
+        assert "Bearer ***" in str(info.value)  # the echo came back, scrubbed
+        errors.append(info.value)
+    assert len(errors) == 7
     captured = capsys.readouterr()
     texts = [caplog.text, captured.out, captured.err] + [str(e) + repr(e.args) for e in errors]
     for text in texts:
         assert SECRET_KEY not in text
         assert HMAC_KEY not in text
+
+
+def _async_get(task_id: str):
+    import asyncio
+
+    return asyncio.run(ImageCbAsyncHook(retry_policy=RetryPolicy(max_attempts=1)).get_task(task_id))
+
+
+def test_the_keys_are_registered_with_airflows_secrets_masker(monkeypatch, imagecb_simulator):
+    """Whatever prints them later (a traceback, a debug line) shows *** in Airflow's logs."""
+    import uuid
+
+    from airflow.sdk._shared.secrets_masker import redact
+
+    api_key, hmac_key = f"sk-{uuid.uuid4().hex}", f"whk-{uuid.uuid4().hex}"  # unknown to the masker
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_IMAGECB_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "imagecb",
+                "host": imagecb_simulator.url,
+                "password": api_key,
+                "extra": {"webhook_hmac_key": hmac_key},
+            }
+        ),
+    )
+    assert redact(f"key {api_key}") == f"key {api_key}"
+    ImageCbHook().settings  # noqa: B018 - reading the connection registers its secrets
+    assert redact(f"key {api_key} and {hmac_key}") == "key *** and ***"
 
 
 def test_one_hook_serves_many_threads_at_once(imagecb_simulator):

@@ -28,6 +28,7 @@ from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError
 
 from imagecb_provider.exceptions import (
+    ImageCbApiError,
     ImageCbConfigurationError,
     ImageCbConnectionError,
     ImageCbCorruptFile,
@@ -109,6 +110,21 @@ class ImageCbConnectionSettings:
 
     def auth_header(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
+
+    def scrubbed(self, error: ImageCbApiError) -> ImageCbApiError:
+        """
+        The same error with the keys blanked out of the vendor's message.
+
+        The message is the vendor's text, shown as is; a proxy or a misbehaving API could echo
+        the request into it, and exception texts reach task logs and the UI.
+        """
+        secrets = [s for s in (self.api_key, self.webhook_hmac_key) if s]
+        if not any(secret in error.msg for secret in secrets):
+            return error
+        msg = error.msg
+        for secret in secrets:
+            msg = msg.replace(secret, "***")
+        return type(error)(error.code, msg, error.endpoint, retry_after=error.retry_after)
 
 
 class BearerAuth(AuthBase):
@@ -319,7 +335,10 @@ class ImageCbHook(HttpHook):
                 "the API may have accepted and charged it. It is not resent automatically, so the image "
                 "is never paid twice: check the account, then clear the task to submit again."
             ) from error
-        return parse_envelope(response.status_code, response.content, response.headers, endpoint)
+        try:
+            return parse_envelope(response.status_code, response.content, response.headers, endpoint)
+        except ImageCbApiError as error:
+            raise self.settings.scrubbed(error) from None
 
 
 class _SharedSessions:
@@ -414,4 +433,7 @@ class ImageCbAsyncHook(HttpAsyncHook):
             raise ImageCbConnectionError(
                 f"Could not reach the imagecb API on {endpoint}: {type(error).__name__}: {error}"
             ) from error
-        return parse_envelope(response.status, body, response.headers, endpoint)
+        try:
+            return parse_envelope(response.status, body, response.headers, endpoint)
+        except ImageCbApiError as error:
+            raise settings.scrubbed(error) from None
