@@ -117,17 +117,33 @@ def test_a_retry_settles_an_undelivered_outcome_without_submitting(imagecb_simul
 
 
 def test_a_retry_reconnects_to_a_task_still_generating(imagecb_simulator):
-    prompt = "a mill [sim:latency=1.5]"
+    """Pinned to that path: the task is held generating until the retry has polled it once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt = "a mill [sim:hold]"
     remote_task_id = _submit(prompt)
     store = _stored(prompt, remote_task_id, submitted_at="2026-01-01T00:00:00+00:00")
     op = _operator(prompt)
-    result = op.execute(_context(store, op))
+    with ThreadPoolExecutor(1) as pool:
+        retry = pool.submit(op.execute, _context(store, op))
+        _wait_until(lambda: imagecb_simulator.stats()["status_calls"].get(remote_task_id, 0) >= 1)
+        assert not retry.done()  # it found the task generating and waits for it
+        imagecb_simulator.release(remote_task_id)
+        result = retry.result(timeout=30)
     assert result["task_id"] == remote_task_id
     assert result["outcome"] == "success"
     assert result["submitted_at"] == "2026-01-01T00:00:00Z"
-    # more than one status call: it was still generating when the retry reconnected
-    assert imagecb_simulator.stats()["status_calls"][remote_task_id] > 1
+    assert imagecb_simulator.stats()["status_calls"][remote_task_id] >= 2
     assert imagecb_simulator.stats()["submissions"] == {prompt: 1}
+
+
+def _wait_until(check, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        time.sleep(0.02)
 
 
 def test_a_retry_after_a_delivered_internal_error_submits_anew(imagecb_simulator):
