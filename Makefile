@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench airflow simulator clean
+.PHONY: venv demo test lint bench bench-triggerer bench-scale airflow simulator clean
+N ?= 200
+LATENCY ?= 60
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +35,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
+## make bench N=200 LATENCY=60: the batch DAG on the real stack (PostgreSQL) against its physical bound
 bench: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks batch --n $(N) --latency $(LATENCY)
+
+## make bench-triggerer: 1,000 waiting images on one triggerer (memory, CPU)
+bench-triggerer: $(STAMP)
+	$(PY) -m benchmarks triggerer
+
+## make bench-scale: 2,000 prompts at a high rate limit, and a 10,000-prompt file, in one run each
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks scale
 
 ## make simulator: the API simulator alone on port 8089
 simulator: $(STAMP)

@@ -28,7 +28,7 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, dag, get_current_context, task, task_group
+from airflow.sdk import Asset, Param, dag, get_current_context, task, task_group
 
 from imagecb_provider.operators.archive import ImageArchiveOperator
 from imagecb_provider.operators.generate import ImageBatchGenerateOperator
@@ -43,6 +43,8 @@ RUN_DAY = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }
 DAY_FOLDER = "{{ params.archive_root.rstrip('/') }}/" + RUN_DAY
 CONN_ID = "{{ params.imagecb_conn_id }}"
 BATCH_XCOM = "batch"
+#: Every archive task announces its new images on this asset (see dags/imagecb_asset_consumer.py).
+BATCH_IMAGES = Asset("imagecb_batch_images")
 LABEL = "{{ task.group_label }}"
 
 
@@ -89,6 +91,11 @@ def _folder(url: str):
             minimum=1,
             description="Prompts per group (one mapped instance each); 1 gives one instance per "
             "prompt. Raised automatically when the file would need more groups than Airflow maps",
+        ),
+        "deferrable": Param(
+            True,
+            type="boolean",
+            description="Wait in the triggerer (true) or hold a worker slot while images render (false)",
         ),
         "fail_run_on_lost": Param(
             True,
@@ -178,6 +185,7 @@ def imagecb_batch_generate():
             failure_mode="return",
             resubmit_outcomes=["internal_error", "generation_failed"],
             wait_mode="{{ params.wait_mode }}",
+            deferrable="{{ params.deferrable }}",
             poll_interval="{{ params.poll_interval }}",
             timeout="{{ params.timeout }}",
             imagecb_conn_id=CONN_ID,
@@ -188,6 +196,7 @@ def imagecb_batch_generate():
             group_label=label,
             map_index_template=LABEL,
             destination=f"{DAY_FOLDER}/images",
+            asset=BATCH_IMAGES,
             imagecb_conn_id=CONN_ID,
         )
         settle(generate.output, label=label, day_folder=DAY_FOLDER)

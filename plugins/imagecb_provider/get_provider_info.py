@@ -31,6 +31,9 @@ def get_provider_info() -> dict:
         "hooks": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.hooks.imagecb"]}],
         "triggers": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.triggers.task"]}],
         "extra-links": ["imagecb_provider.links.GeneratedImageLink"],
+        "task-decorators": [
+            {"name": "imagecb", "class-name": "imagecb_provider.decorators.imagecb.imagecb_task"}
+        ],
         "connection-types": [
             {
                 "hook-class-name": "imagecb_provider.hooks.imagecb.ImageCbHook",

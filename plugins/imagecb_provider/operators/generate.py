@@ -24,6 +24,7 @@ from imagecb_provider.models import GenerationRequest, Outcome
 from imagecb_provider.utils.generation import GenerationMixin
 from imagecb_provider.utils.waiting import (
     ImageTaskWaitMixin,
+    check_bool,
     check_failure_mode,
     check_positive,
     check_wait_mode,
@@ -49,7 +50,7 @@ class _GenerateBase(GenerationMixin, ImageTaskWaitMixin, BaseOperator):
         self,
         *,
         imagecb_conn_id: str = DEFAULT_CONN_ID,
-        deferrable: bool = True,
+        deferrable: bool | str = True,
         wait_mode: str = "poll",
         poll_interval: float | str | None = None,
         timeout: float | timedelta | str = DEFAULT_TIMEOUT,
@@ -59,7 +60,7 @@ class _GenerateBase(GenerationMixin, ImageTaskWaitMixin, BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.imagecb_conn_id = imagecb_conn_id
-        self.deferrable = deferrable
+        self.deferrable = deferrable if _is_templated(deferrable) else check_bool("deferrable", deferrable)
         self.wait_mode = wait_mode if _is_templated(wait_mode) else check_wait_mode(wait_mode)
         if poll_interval is None:
             poll_interval = default_poll_interval(wait_mode)
@@ -75,6 +76,12 @@ class _GenerateBase(GenerationMixin, ImageTaskWaitMixin, BaseOperator):
     @cached_property
     def hook(self) -> ImageCbHook:
         return ImageCbHook(imagecb_conn_id=self.imagecb_conn_id)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Describe this run for OpenLineage: the requests (and inlets) read, the remote tasks made."""
+        from imagecb_provider.utils.openlineage import generation_lineage
+
+        return generation_lineage(self, task_instance)
 
 
 class ImageGenerateOperator(_GenerateBase):
@@ -187,7 +194,8 @@ class ImageBatchGenerateOperator(_GenerateBase):
     :param group_label: what this group works on, for the UI (e.g. ``"lines 2-51"``); use it as the
         mapped instance's name with ``map_index_template="{{ task.group_label }}"``.
     :param imagecb_conn_id: the ``imagecb`` connection.
-    :param deferrable: wait in the triggerer (default) instead of holding a worker slot.
+    :param deferrable: wait in the triggerer (default) instead of holding a worker slot
+        (templated, e.g. from a DAG param).
     :param wait_mode: ``"poll"`` or ``"callback"``, as for ``ImageGenerateOperator``.
     :param poll_interval: seconds between status calls of each image (default 30; 300 in
         callback mode).
@@ -207,6 +215,7 @@ class ImageBatchGenerateOperator(_GenerateBase):
         "poll_interval",
         "timeout",
         "wait_mode",
+        "deferrable",
     )
     template_fields_renderers = {"requests": "json"}
     ui_color = "#ecd2ff"

@@ -33,7 +33,13 @@ from imagecb_provider.models import (
 from imagecb_provider.triggers.task import EVENT_ERROR
 from imagecb_provider.utils.ledger import Action, LedgerEntry, Slot, SubmissionLedger, plan_slots
 from imagecb_provider.utils.pacing import pacer_for
-from imagecb_provider.utils.waiting import WaitingTask, check_positive, check_wait_mode, error_from_event
+from imagecb_provider.utils.waiting import (
+    WaitingTask,
+    check_bool,
+    check_positive,
+    check_wait_mode,
+    error_from_event,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -90,6 +96,7 @@ class GenerationMixin:
         :param submit: ``False`` only plans and submits, without waiting (``wait_for_completion``).
         """
         check_wait_mode(self.wait_mode)
+        self.deferrable = check_bool("deferrable", self.deferrable)
         requests = self.generation_requests()  # a bad rendered value fails here, before any credit
         ledger = SubmissionLedger(context)
         if not ledger.available:

@@ -65,6 +65,16 @@ def check_choice(name: str, value: str, choices: Sequence[str], meaning: str) ->
     return value
 
 
+def check_bool(name: str, value: bool | str) -> bool:
+    """A flag, or the text a rendered template gives for one (``"True"``, ``"false"``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"{name}={value!r}: must be true or false")
+
+
 def check_failure_mode(value: str) -> str:
     return check_choice(
         "failure_mode", value, FAILURE_MODES, "'raise' (fail the task) or 'return' (return the result)"

@@ -1,0 +1,1 @@
+"""TaskFlow decorators of the imagecb provider (``@task.imagecb``)."""

@@ -1,0 +1,38 @@
+"""
+A real Airflow deployment for tests, benchmarks and ``make airflow``.
+
+:class:`AirflowStack` runs ``airflow api-server``, ``scheduler``, ``dag-processor`` and
+``triggerer`` (and ``celery worker`` with the CeleryExecutor) as separate processes on a
+PostgreSQL database of its own, with a REST client, process control for fault injection,
+resource samplers and log access. See ``docs/stack.md``.
+
+Importing this package does not import Airflow: the harness talks to the stack only through
+processes, PostgreSQL, Redis and HTTP.
+"""
+
+from __future__ import annotations
+
+from imagecb_provider.testing.stack.client import AirflowClient
+from imagecb_provider.testing.stack.core import CELERY_WORKER, CORE_COMPONENTS, AirflowStack, running_stacks
+from imagecb_provider.testing.stack.errors import RunTimeout, StackAPIError, StackError, StackUnavailable
+from imagecb_provider.testing.stack.sampler import SlotSampler, TreeSampler, TreeStats
+from imagecb_provider.testing.stack.services import Postgres, Redis
+from imagecb_provider.testing.stack.shared import SharedStacks
+
+__all__ = [
+    "CELERY_WORKER",
+    "CORE_COMPONENTS",
+    "AirflowClient",
+    "AirflowStack",
+    "Postgres",
+    "Redis",
+    "RunTimeout",
+    "SharedStacks",
+    "SlotSampler",
+    "StackAPIError",
+    "StackError",
+    "StackUnavailable",
+    "TreeSampler",
+    "TreeStats",
+    "running_stacks",
+]
