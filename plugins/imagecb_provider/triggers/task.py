@@ -25,7 +25,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from imagecb_provider.exceptions import ImageCbApiError, ImageCbError
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, SHARED_SESSIONS, ImageCbAsyncHook
 from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS
-from imagecb_provider.models import Outcome, TaskRecord, parse_timestamp
+from imagecb_provider.models import Outcome, TaskRecord
 
 DEFAULT_POLL_INTERVAL = 30.0
 #: In callback mode polling is only a safety net for a callback that never comes.
@@ -216,9 +216,10 @@ class ImageTaskTrigger(BaseTrigger):
                     )
                     yield TriggerEvent(self._event(EVENT_TIMEOUT, wait))
                     return
-                wait.expect(RENDER_TIMES.estimate(self.imagecb_conn_id), time.time())
+                if inbox is None:  # callbacks wake the tasks in callback mode: no guessing there
+                    wait.expect(RENDER_TIMES.estimate(self.imagecb_conn_id), time.time())
                 pause = max(0.0, min(wait.next_due(), self.deadline) - time.time())
-                await self._take_callbacks(hook, inbox, wait, pause)
+                await self._take_callbacks(inbox, wait, pause)
         self.log.info("All %d image task(s) ended", len(self.remote_task_ids))
         yield TriggerEvent(self._event(EVENT_DONE, wait))
 
@@ -238,7 +239,9 @@ class ImageTaskTrigger(BaseTrigger):
                 except ImageCbError as error:
                     return error_details(error, remote_task_id)
             if record is not None and record.is_terminal:
-                self._ended(wait, remote_task_id, record, "poll")
+                self._ended(
+                    wait, remote_task_id, record, "callback" if remote_task_id in wait.woken else "poll"
+                )
                 self._learn(wait, remote_task_id, record)
             else:
                 estimate = RENDER_TIMES.estimate(self.imagecb_conn_id)
@@ -284,23 +287,22 @@ class ImageTaskTrigger(BaseTrigger):
         async with watcher.subscribe(self.remote_task_ids) as inbox:
             yield inbox
 
-    async def _take_callbacks(self, hook: ImageCbAsyncHook, inbox: Any, wait: _Wait, pause: float) -> None:
+    async def _take_callbacks(self, inbox: Any, wait: _Wait, pause: float) -> None:
         """Sleep ``pause`` seconds, or until callbacks arrive for pending tasks."""
         if inbox is None:
             await asyncio.sleep(pause)
             return
         for item in await inbox.get(timeout=pause):
-            remote_task_id = item.get("remote_task_id")
-            if remote_task_id not in wait.pending:
+            if item.remote_task_id not in wait.pending:
                 continue
-            received_at = parse_timestamp(item.get("received_at"))
-            record = TaskRecord.from_callback(item["body"], received_at=received_at)
-            if not item.get("signed"):
-                # An unsigned callback only says "look now": one status call confirms it.
-                wait.pending[remote_task_id] = 0.0
+            if not item.signed:
+                # Only the token vouches for an unsigned callback: one status call confirms it.
+                wait.pending[item.remote_task_id] = 0.0
+                wait.woken.add(item.remote_task_id)
                 continue
-            if record.is_terminal and record.task_id == remote_task_id:
-                self._ended(wait, remote_task_id, record, "callback")
+            record = item.record()
+            if record.is_terminal:
+                self._ended(wait, item.remote_task_id, record, "callback")
 
     def _event(self, status: str, wait: _Wait, *, error: dict[str, Any] | None = None) -> dict[str, Any]:
         return task_event(
@@ -323,6 +325,7 @@ class _Wait:
         self.records: dict[str, TaskRecord] = {}
         self.polls: dict[str, int] = dict.fromkeys(remote_task_ids, 0)
         self.via: dict[str, str] = {}
+        self.woken: set[str] = set()  # told by an unsigned callback: the next status call confirms
         self._late_polls: dict[str, int] = {}  # tasks polled at their expected end: late polls left
 
     def expect(self, render_seconds: float | None, now: float) -> None:

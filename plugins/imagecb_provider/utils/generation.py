@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagecb_provider.exceptions import (
-    ImageCbConfigurationError,
     ImageCbPermanentApiError,
     ImageCbSubmissionUncertain,
 )
@@ -45,10 +44,6 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from imagecb_provider.hooks.imagecb import ImageCbHook
-
-#: How long a callback token stays valid past the wait's deadline: the vendor retries a failed
-#: delivery at about 1, 5 and 15 minutes.
-CALLBACK_GRACE = 30 * 60.0
 
 
 class GeneratingTask(WaitingTask, Protocol):
@@ -301,25 +296,8 @@ def _callback_urls(
     """One signed callback URL per request slot in callback mode; none when polling."""
     if task.wait_mode != "callback":
         return {}
-    if not settings.callback_base_url:
-        raise ImageCbConfigurationError(
-            f"wait_mode='callback' needs the public URL of the Airflow API server: set the extra "
-            f"callback_base_url of connection {settings.conn_id!r} (e.g. https://airflow.example.com), "
-            "or use wait_mode='poll'"
-        )
-    from imagecb_provider.callbacks.tokens import callback_url_for_task
+    from imagecb_provider.callbacks.tokens import VENDOR_RETRY_WINDOW, callback_url_for_context
 
-    ti = context["ti"]
-    expires_at = time.time() + check_positive("timeout", task.timeout) + CALLBACK_GRACE
-    return {
-        i: callback_url_for_task(
-            settings,
-            dag_id=ti.dag_id,
-            run_id=ti.run_id,
-            task_id=ti.task_id,
-            map_index=ti.map_index,
-            slot=i,
-            expires_at=expires_at,
-        )
-        for i in indexes
-    }
+    # Checked before the first submission: a missing callback_base_url costs no credit.
+    expires_in = check_positive("timeout", task.timeout) + VENDOR_RETRY_WINDOW
+    return {i: callback_url_for_context(settings, context, slot=i, expires_in=expires_in) for i in indexes}
