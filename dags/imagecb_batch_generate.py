@@ -162,12 +162,16 @@ def imagecb_batch_generate():
         from imagecb_provider.batch.archive import JsonlLedger
         from imagecb_provider.batch.report import lost_entry
 
-        get_current_context()["imagecb_label"] = label
+        context = get_current_context()
+        context["imagecb_label"] = label
         lost = [lost_entry(r) for r in results or () if r and r.get("outcome") != "success"]
         JsonlLedger(_folder(day_folder) / "quarantine.jsonl", ("request_key", "task_id")).add(lost)
         for entry in lost:
             print(f"Quarantined {entry['prompt']!r}: {entry['outcome']} ({entry['message']})")
         if lost:
+            # The grid shows the reason in the failed instance's name.
+            outcomes = ", ".join(sorted({str(e["outcome"]) for e in lost}))
+            context["imagecb_label"] = f"{label} · {len(lost)} lost: {outcomes}"
             raise AirflowFailException(
                 f"{len(lost)} of {len(results or ())} prompt(s) of {label} ended without an image: "
                 + "; ".join(f"{e['prompt'][:60]!r}: {e['outcome']}" for e in lost)
@@ -206,12 +210,15 @@ def imagecb_batch_generate():
         """Write summary.json and the contact sheet; fail the run if the batch lost prompts or never ran."""
         from airflow.configuration import conf
 
-        from imagecb_provider.batch.report import write_report
+        from imagecb_provider.batch.report import report_paths, write_report
         from imagecb_provider.hooks.imagecb import ImageCbHook
 
         context = get_current_context()
         ti, dag_run = context["ti"], context["dag_run"]
-        written = write_report(
+        # Pushed first: when the run is failed below, the report is still found from the UI.
+        paths = report_paths(_folder(day_folder), dag_run.run_id)
+        ti.xcom_push(key="return_value", value=paths)
+        write_report(
             folder=_folder(day_folder),
             batch=ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM),
             generated=ti.xcom_pull(task_ids=["image.generate"]) or [],
@@ -223,7 +230,7 @@ def imagecb_batch_generate():
             ui_url=conf.get("api", "base_url", fallback=""),
             fail_on_lost=params["fail_run_on_lost"],
         )
-        return written
+        return paths
 
     image.expand_kwargs(read_prompts(day_folder=DAY_FOLDER)) >> report(day_folder=DAY_FOLDER)
 

@@ -86,6 +86,10 @@ def test_the_demo_batch_end_to_end_and_again(run_dag, batch_dag, imagecb_simulat
     rendered = {(ti.task_id, ti.map_index): ti.rendered_map_index for ti in dag_run.get_task_instances()}
     assert rendered[("image.generate", 0)] == labels[0]
     assert rendered[("image.settle", 0)] == labels[0]
+    for group, outcomes in by_group.items():  # a red instance names what was lost
+        if outcomes & LOST:
+            assert rendered[("image.settle", group)].startswith(f"{labels[group]} · ")
+            assert all(o in rendered[("image.settle", group)] for o in outcomes & LOST)
 
     stats = imagecb_simulator.stats()
     assert summary["credits"]["used"] == summary["credits"]["before"] - stats["credits"]

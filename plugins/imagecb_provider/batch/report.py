@@ -68,7 +68,10 @@ def _by_key(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
 def _seconds(result: Mapping[str, Any]) -> float | None:
     submitted = parse_timestamp(result.get("submitted_at"))
     completed = parse_timestamp(result.get("completed_at"))
-    return round((completed - submitted).total_seconds(), 1) if submitted and completed else None
+    if not (submitted and completed):
+        return None
+    # The API's completion time has whole seconds only; ours has microseconds: never below zero.
+    return max(0.0, round((completed - submitted).total_seconds(), 1))
 
 
 def _entry(
@@ -181,9 +184,12 @@ def _durations(
         return {"batch_seconds": seconds, "reruns": []}
     reruns = list(previous["durations"].get("reruns") or [])
     since = parse_timestamp(previous.get("finished_at"))
-    again = [i for i in images if since and (parse_timestamp(i["submitted_at"]) or since) > since]
-    starts = [parse_timestamp(i["submitted_at"]) for i in again]
-    if starts:
+    # A rerun submits anew or reconnects to an image made earlier: either way it ends after the
+    # previous report.
+    again = [i for i in images if since and _after(since, i["submitted_at"], i["completed_at"])]
+    starts = [t for i in again for t in (parse_timestamp(i["submitted_at"]),) if t and t > since]
+    starts = starts or [parse_timestamp(i["completed_at"]) for i in again]
+    if again:
         reruns.append(
             {
                 "images": len(again),
@@ -193,6 +199,16 @@ def _durations(
             }
         )
     return {"batch_seconds": previous["durations"]["batch_seconds"], "reruns": reruns}
+
+
+def _after(since: datetime, *moments: str | None) -> bool:
+    return any((parse_timestamp(moment) or since) > since for moment in moments)
+
+
+def report_paths(folder: ObjectStoragePath, run_id: str) -> dict[str, str]:
+    """Where this run's ``summary.json`` and ``report.html`` are written (the report task's XCom)."""
+    out = folder / "runs" / run_folder_name(run_id)
+    return {"summary": str(out / "summary.json"), "report": str(out / "report.html")}
 
 
 def _extra_counts(counts: Counter) -> dict[str, int]:
@@ -248,16 +264,17 @@ def write_report(
         previous=previous if previous and previous.get("durations") else None,
         finished_at=datetime.now(UTC),
     )
+    paths = report_paths(folder, run_id)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.html").write_text(render_contact_sheet(summary, ui_url=ui_url))
-    print(f"Summary: {json.dumps(summary['counts'])}; report: {out / 'report.html'}")
+    print(f"Summary: {json.dumps(summary['counts'])}; report: {paths['report']}")
     if summary["lost"] and fail_on_lost:
         lines = ", ".join(str(i["line"]) for i in summary["images"] if i["outcome"] != Outcome.SUCCESS)
         raise AirflowFailException(
             f"{summary['lost']} prompt(s) ended without an image (lines {lines}); the report is written. "
             "The run fails because fail_run_on_lost is on: clear a failed group to retry its prompts"
         )
-    return {"summary": str(out / "summary.json"), "report": str(out / "report.html")}
+    return paths
 
 
 # --------------------------------------------------------------------------- the sheet
