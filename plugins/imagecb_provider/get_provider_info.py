@@ -29,7 +29,17 @@ def get_provider_info() -> dict:
         ],
         "sensors": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.sensors.task"]}],
         "hooks": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.hooks.imagecb"]}],
-        "triggers": [{"integration-name": INTEGRATION, "python-modules": ["imagecb_provider.triggers.task"]}],
+        "triggers": [
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "imagecb_provider.triggers.task",
+                    "imagecb_provider.triggers.callback_event",
+                ],
+            }
+        ],
+        # The callback receiver's table, created by `airflow db migrate`.
+        "db-managers": ["imagecb_provider.callbacks.db.CallbackDBManager"],
         "extra-links": ["imagecb_provider.links.GeneratedImageLink"],
         "task-decorators": [
             {"name": "imagecb", "class-name": "imagecb_provider.decorators.imagecb.imagecb_task"}

@@ -118,6 +118,8 @@ def test_remote_ids_of_slot_names_every_attempt_or_none_when_unbound():
     ).to_dict()
     assert remote_ids_of_slot(value, 0) == {"r1", "r2"}
     assert remote_ids_of_slot(value, 1) is None
+    value["slots"][0]["sending"] = True  # a resubmission in flight: its new id is not known yet
+    assert remote_ids_of_slot(value, 0) is None
     assert remote_ids_of_slot(value, 2) is None
     assert remote_ids_of_slot(None, 0) is None
     assert remote_ids_of_slot({"slots": "junk"}, 0) is None

@@ -172,13 +172,16 @@ def remote_ids_of_slot(entry: Mapping[str, Any] | None, slot: int) -> frozenset[
     """
     The remote task ids a stored ledger value has bound to request ``slot`` (every attempt).
 
-    ``None`` when the slot is not bound yet (its submission answer has not been stored, or the
-    slot does not exist): a callback for it may legitimately arrive before the ledger is written.
+    ``None`` when the slot is not bound yet (it does not exist, or a submission for it is in
+    flight and its answer, the new id, is not stored): a callback for it may legitimately arrive
+    before the ledger is written.
     """
     slots = entry.get("slots") if isinstance(entry, Mapping) else None
     if not isinstance(slots, list) or not 0 <= slot < len(slots) or not isinstance(slots[slot], Mapping):
         return None
     record = slots[slot]
+    if record.get("sending"):
+        return None
     ids = {record.get("remote_task_id")} | {e.get("remote_task_id") for e in record.get("earlier") or ()}
     bound = frozenset(i for i in ids if isinstance(i, str) and i)
     return bound or None

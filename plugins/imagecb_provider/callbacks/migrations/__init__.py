@@ -1,0 +1,1 @@
+"""Alembic history of the imagecb provider's tables (run by ``CallbackDBManager``)."""
