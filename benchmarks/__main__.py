@@ -1,10 +1,11 @@
 """
-``python -m benchmarks [batch|triggerer|scale|micro|callbacks] ...``: figures, printed, not asserted.
+``python -m benchmarks [batch|triggerer|scale|latency|micro|callbacks] ...``: figures, printed, not asserted.
 
 * ``batch`` (default; ``make bench N=200 LATENCY=60``): the batch DAG on the real stack, three
   ways side by side, against the physical bound;
 * ``triggerer`` (``make bench-triggerer``): 1,000 waiting images on one triggerer;
 * ``scale`` (``make bench-scale``): 2,000 prompts at a high rate limit, and a 10,000-prompt file;
+* ``latency``: completion-to-resume delay per image, callback mode against polling;
 * ``micro``: the trigger alone, in one process;
 * ``callbacks``: the callback receiver under a loopback load.
 """
@@ -18,6 +19,7 @@ COMMANDS = {
     "batch": "benchmarks.batch",
     "triggerer": "benchmarks.triggerer",
     "scale": "benchmarks.scale",
+    "latency": "benchmarks.latency",
     "micro": "benchmarks.micro",
     "callbacks": "benchmarks.callbacks_load",
 }

@@ -24,6 +24,10 @@ def moto_s3(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    # moto keeps its buckets in process-wide memory: start from an empty S3 whatever ran before
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
     monkeypatch.setenv(
         "AIRFLOW_CONN_AWS_MOTO",
         json.dumps(

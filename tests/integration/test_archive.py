@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -125,46 +124,6 @@ def test_broken_downloads_are_refused(body, message):
 
 
 # ------------------------------------------------------------------------------ S3 (moto)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def moto_s3(monkeypatch):
-    """moto's S3 server on loopback, with an Airflow ``aws`` connection pointing at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_AWS_MOTO",
-        json.dumps(
-            {
-                "conn_type": "aws",
-                "login": "testing",
-                "password": "testing",
-                "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-            }
-        ),
-    )
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket="imagecb-archive")
-    yield client
-    server.stop()
-
-
 def test_archive_to_s3_through_moto(imagecb_simulator, moto_s3):
     result = _generate("a kiwi")
     destination = "s3://imagecb-archive/batches/2026-11-25"
