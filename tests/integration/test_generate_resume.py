@@ -277,3 +277,22 @@ def test_a_batch_is_paced_under_the_accounts_limit_and_resubmits_once(imagecb_si
     stats = imagecb_simulator.stats()
     assert stats["submissions_total"] == 12  # eleven, and the one resubmission
     assert stats["rejected"].get("429", 0) == 0  # paced: never over the limit
+
+
+def test_a_submission_refused_by_the_api_is_sent_again_by_the_next_try(imagecb_simulator):
+    """An error answer proves nothing was created: unlike a lost answer, the next try may send it."""
+    from imagecb_provider.exceptions import ImageCbServerError
+    from imagecb_provider.hooks.protocol import RetryPolicy
+
+    imagecb_simulator.inject(endpoint="generate", code=500, times=2)
+    store = DictStateStore()
+    op = _operator("a cliff")
+    op.hook.retry_policy = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.02, jitter=0)
+    with pytest.raises(ImageCbServerError):
+        op.execute(_context(store, op, try_number=1))
+    slot = store[STATE_KEY]["slots"][0]
+    assert (slot["sending"], slot["remote_task_id"]) == (False, None)
+    retry = _operator("a cliff")
+    result = retry.execute(_context(store, retry, try_number=2))
+    assert result["outcome"] == "success"
+    assert imagecb_simulator.stats()["submissions"] == {"a cliff": 1}

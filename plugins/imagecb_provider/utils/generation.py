@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagecb_provider.exceptions import (
-    ImageCbPermanentApiError,
+    ImageCbApiError,
+    ImageCbConnectionError,
     ImageCbSubmissionUncertain,
 )
 from imagecb_provider.models import (
@@ -157,7 +158,9 @@ class GenerationMixin:
             except ImageCbSubmissionUncertain as error:
                 _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
                 continue
-            except ImageCbPermanentApiError:
+            except (ImageCbApiError, ImageCbConnectionError):
+                # Refused with an error answer, or never sent: nothing was created, so a later try
+                # may send it. Anything else (the task killed mid-request) leaves it uncertain.
                 slot.sending = False
                 ledger.save(entry)
                 raise
