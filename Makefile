@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench bench-triggerer bench-scale airflow simulator clean
+.PHONY: venv demo test lint mutation bench bench-triggerer bench-scale airflow simulator clean
 N ?= 200
 LATENCY ?= 60
 
@@ -22,9 +22,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	@VENV=$(VENV) bash scripts/demo.sh
 
-## make test: the whole test suite (unit, integration against the simulator, DAG runs)
+## make test: the whole test suite (unit, integration, DAG runs, the real stack, the browser)
 test: $(STAMP)
+	@bash scripts/test-deps.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## make mutation: mutation testing (mutmut) of the modules where a silent bug costs money or data
+mutation: $(STAMP)
+	@bash scripts/mutation.sh
 
 ## make airflow: full local Airflow with the UI (PostgreSQL when one answers), the simulator, the connection
 airflow: $(STAMP)
@@ -52,4 +57,4 @@ simulator: $(STAMP)
 	$(PY) -m imagecb_provider.testing.simulator --port 8089
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info plugins/*.egg-info
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info plugins/*.egg-info mutants artifacts

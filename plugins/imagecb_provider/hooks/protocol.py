@@ -140,7 +140,7 @@ class RetryPolicy:
         if retry_after is not None:
             return min(retry_after, self.max_retry_after)
         backoff = tenacity.wait_exponential_jitter(
-            initial=self.initial_delay, max=self.max_delay, jitter=self.jitter
+            multiplier=self.initial_delay, max=self.max_delay, jitter=self.jitter
         )
         return backoff(retry_state)
 
