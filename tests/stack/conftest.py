@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from imagecb_provider.testing.simulator import RunningSimulator
     from imagecb_provider.testing.stack import AirflowStack
 
 DAGS = Path(__file__).resolve().parent / "dags"
@@ -79,3 +80,61 @@ def local_stack(airflow_stack: Callable[..., AirflowStack]) -> AirflowStack:
 def celery_stack(airflow_stack: Callable[..., AirflowStack]) -> AirflowStack:
     """The shared CeleryExecutor stack running this folder's DAGs."""
     return _shared_stack(airflow_stack, "CeleryExecutor")
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch DAG on a real stack (test_batch_dag.py, test_faults.py): one simulator for the
+# session, one stack per executor wired to it, the LocalExecutor cases first.
+_BATCH_FILES = ("test_batch_dag.py", "test_faults.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """
+    Run the batch tests of both files in one block, by executor (Local, then Celery), where the
+    first of them was collected: each of their two stacks starts once.
+    """
+    batch = [item for item in items if item.path.name in _BATCH_FILES]
+    if not batch:
+        return
+    first = items.index(batch[0])
+    rest = [item for item in items if item.path.name not in _BATCH_FILES]
+    ordered = sorted(batch, key=lambda item: "celery" in item.name)
+    items[:] = rest[:first] + ordered + rest[first:]
+
+
+@pytest.fixture(scope="session")
+def batch_simulator() -> Iterator[RunningSimulator]:
+    """The image API simulator (its own process) every batch stack's connections point at."""
+    from batch_checks import SIMULATOR_FIELDS
+
+    from imagecb_provider.testing.simulator import run_in_subprocess
+
+    with run_in_subprocess(**SIMULATOR_FIELDS) as simulator:
+        yield simulator
+
+
+def _batch_stack(
+    airflow_stack: Callable[..., AirflowStack], simulator: RunningSimulator, executor: str
+) -> Iterator[AirflowStack]:
+    from batch_checks import DAG_ID, end_leftover_runs, stack_options
+
+    stack = airflow_stack(**stack_options(simulator, executor), dag_ids=[DAG_ID])
+    _STACKS[id(stack)] = stack
+    yield stack
+    end_leftover_runs(stack)
+
+
+@pytest.fixture
+def batch_local_stack(
+    airflow_stack: Callable[..., AirflowStack], batch_simulator: RunningSimulator
+) -> Iterator[AirflowStack]:
+    """The shared LocalExecutor stack running the project's DAGs against ``batch_simulator``."""
+    yield from _batch_stack(airflow_stack, batch_simulator, "LocalExecutor")
+
+
+@pytest.fixture
+def batch_celery_stack(
+    airflow_stack: Callable[..., AirflowStack], batch_simulator: RunningSimulator
+) -> Iterator[AirflowStack]:
+    """The shared CeleryExecutor stack running the project's DAGs against ``batch_simulator``."""
+    yield from _batch_stack(airflow_stack, batch_simulator, "CeleryExecutor")

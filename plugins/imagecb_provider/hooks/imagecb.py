@@ -232,15 +232,20 @@ class ImageCbHook(HttpHook):
         return session
 
     # ----------------------------------------------------------------------- API calls
-    def submit(self, request: GenerationRequest) -> str:
+    def submit(self, request: GenerationRequest, *, retry: bool = True) -> str:
         """
         Submit one generation and return the remote task id.
 
         Transient errors are retried only when the API provably did not take the request (an
         error answer, or a connection that never opened); a request sent without an answer
         raises :class:`ImageCbSubmissionUncertain` rather than risk paying twice.
+
+        :param request: what to generate.
+        :param retry: ``False`` makes one attempt, for a caller that retries itself (and records
+            between attempts that nothing is in flight).
         """
-        data = self._call("POST", GENERATE_PATH, json=request.to_payload(), idempotent=False)
+        policy = None if retry else replace(self.retry_policy, max_attempts=1)
+        data = self._call("POST", GENERATE_PATH, json=request.to_payload(), idempotent=False, policy=policy)
         task_id = data.get("taskId") if isinstance(data, dict) else None
         if not task_id:
             raise ImageCbProtocolError(

@@ -21,6 +21,7 @@ from imagecb_provider.exceptions import (
     ImageCbConnectionError,
     ImageCbSubmissionUncertain,
 )
+from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS
 from imagecb_provider.models import (
     GenerationRequest,
     Outcome,
@@ -148,26 +149,47 @@ class GenerationMixin:
         callback_urls = _callback_urls(self, context, settings, indexes)
         pacer = pacer_for(settings.conn_id, settings.submissions_per_10s)
         for i in indexes:
-            slot = entry.slots[i]
             pacer.wait()
-            slot.sending = True
-            ledger.save(entry)  # the mark is stored before the request leaves
             request = requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
+            self._submit_one(request, entry, entry.slots[i], ledger)
+        self.log.info("Submitted %d request(s)", len(indexes))
+
+    def _submit_one(
+        self: GeneratingTask,
+        request: GenerationRequest,
+        entry: LedgerEntry,
+        slot: Slot,
+        ledger: SubmissionLedger,
+    ) -> None:
+        """
+        Send one request, its ``sending`` mark stored only while it is really in flight.
+
+        The hook's transient-error retries run here, one attempt at a time: the mark is cleared
+        (and stored) before each backoff, so a task killed while it waits to resend a refused
+        request lets its retry send it, and only a request whose answer was lost stays uncertain.
+        The answer, the remote task id, is stored at once.
+        """
+
+        def attempt() -> str:
+            slot.sending, slot.sending_since = True, to_iso(datetime.now(UTC))
+            ledger.save(entry)  # the mark is stored before the request leaves
             try:
-                slot.remote_task_id = self.hook.submit(request)
-            except ImageCbSubmissionUncertain as error:
-                _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
-                continue
+                return self.hook.submit(request, retry=False)
             except (ImageCbApiError, ImageCbConnectionError):
-                # Refused with an error answer, or never sent: nothing was created, so a later try
-                # may send it. Anything else (the task killed mid-request) leaves it uncertain.
+                # Refused with an error answer, or never sent: nothing was created. Anything
+                # else (the task killed mid-request) leaves the mark: uncertain.
                 slot.sending = False
                 ledger.save(entry)
                 raise
-            slot.sending = False
-            slot.submitted_at = to_iso(datetime.now(UTC))
+
+        try:
+            slot.remote_task_id = self.hook.retry_policy.retrying(RETRYABLE_ERRORS)(attempt)
+        except ImageCbSubmissionUncertain as error:
+            _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
+            return
+        slot.sending = False
+        slot.submitted_at = to_iso(datetime.now(UTC))
         ledger.save(entry)
-        self.log.info("Submitted %d request(s)", len(indexes))
 
     def _wait(self: GeneratingTask, context: Context, entry: LedgerEntry, poll_now: set[int]) -> Any:
         waiting = [i for i, s in enumerate(entry.slots) if s.remote_task_id and s.outcome is None]
@@ -253,9 +275,10 @@ def _settle(slot: Slot, record: TaskRecord, via: str) -> None:
 
 def _settle_uncertain(slot: Slot, cause: str) -> None:
     slot.outcome = Outcome.SUBMISSION_UNCERTAIN.value
+    sent = f" (sent at {slot.sending_since})" if slot.sending_since else ""
     slot.message = (
-        f"{cause.rstrip('.')}: the API may have accepted and charged it, so it is not resent "
-        "automatically. Check the account, then clear the task to submit again"
+        f"{cause.rstrip('.')}{sent}: the API may have accepted and charged it, so it is not resent "
+        "automatically. Check the account for a task of that time, then clear the task to submit again"
     )
 
 

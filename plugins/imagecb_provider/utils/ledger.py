@@ -41,6 +41,7 @@ class Slot:
     key: str
     remote_task_id: str | None = None
     sending: bool = False
+    sending_since: str | None = None  # when the request in flight (or lost) was sent
     submitted_at: str | None = None
     outcome: str | None = None
     message: str = ""
@@ -56,7 +57,7 @@ class Slot:
             self.earlier.append(
                 {"remote_task_id": self.remote_task_id, "outcome": self.outcome, "message": self.message}
             )
-        self.remote_task_id, self.sending, self.submitted_at = None, False, None
+        self.remote_task_id, self.sending, self.sending_since, self.submitted_at = None, False, None, None
         self.outcome, self.message, self.polls, self.record, self.via = None, "", 0, None, None
 
     @classmethod

@@ -152,8 +152,10 @@ class ImageTaskWaitMixin:
         submitted = parse_timestamp(result["submitted_at"])
         ended = parse_timestamp(result["completed_at"]) or datetime.now(UTC)
         self.log.info(
-            "Image task %s ended: %s after %s, %d status call(s), via %s%s",
-            result["task_id"],
+            "%s ended: %s after %s, %d status call(s), via %s%s",
+            f"Image task {result['task_id']}"
+            if result["task_id"]
+            else f"Request {str(result['prompt'])[:60]!r} (no remote task id)",
             result["outcome"],
             f"{(ended - submitted).total_seconds():.0f} s" if submitted else "an unknown time",
             result["polls"],
