@@ -71,3 +71,37 @@ def test_the_batch_in_callback_mode_is_woken_by_signed_callbacks(airflow_stack, 
     lines = [json.loads(line) for line in manifest]
     assert len(lines) == 48
     assert len({(line["remote_task_id"], line["source"]) for line in lines}) == 48
+
+    # no key and no callback token anywhere Airflow keeps task data, nor in any task log
+    tokens = {c["url"].rsplit("/", 1)[1] for c in stats["callbacks"]}
+    secrets = {sim.config.api_key, HMAC_KEY} | tokens | {t.split(".")[1] for t in tokens}
+    assert _stored_text_holding(stack, secrets) == []
+    logs = [p for p in stack.task_log_folder.rglob("*") if p.is_file()]
+    assert logs
+    assert [p.name for p in logs if any(secret in p.read_text(errors="ignore") for secret in secrets)] == []
+
+
+def _stored_text_holding(stack, secrets: set[str]) -> list[str]:
+    """The (table, column) of the stack's database whose text holds one of ``secrets``."""
+    import psycopg2
+
+    columns = {
+        "xcom": "value",
+        "task_state_store": "value",
+        "trigger": "kwargs",
+        "task_instance": "next_kwargs",
+        "rendered_task_instance_fields": "rendered_fields",
+        "dag_run": "conf",
+    }
+    found = []
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=stack.database)
+    try:
+        with conn.cursor() as cursor:
+            for table, column in columns.items():
+                cursor.execute(f"SELECT {column}::text FROM {table}")
+                texts = [row[0] or "" for row in cursor.fetchall()]
+                if any(secret in text for secret in secrets for text in texts):
+                    found.append(f"{table}.{column}")
+    finally:
+        conn.close()
+    return found
