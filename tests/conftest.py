@@ -37,14 +37,6 @@ def run_dag(airflow_db):
     Run a DAG defined in a test with ``dag.test()``, after registering it the way the
     scheduler would (bundles synced, DAG serialized), and return the finished DagRun.
     """
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from imagecb_provider.testing.airflow import run_dag_test
 
-    def run(dag, **kwargs):
-        DagBundlesManager().sync_bundles_to_db()
-        bag = DagBag(dag_folder=None, collect_dags=False)
-        bag.bag_dag(dag)
-        sync_bag_to_db(bag, "dags-folder", None)
-        return dag.test(**kwargs)
-
-    return run
+    return run_dag_test

@@ -24,27 +24,10 @@ from imagecb_provider.exceptions import (
 from imagecb_provider.hooks.imagecb import ImageCbHook
 from imagecb_provider.models import GenerationRequest, request_key
 from imagecb_provider.operators.generate import ImageBatchGenerateOperator, ImageGenerateOperator
+from imagecb_provider.testing.airflow import InMemoryTaskStateStore as DictStateStore
 from imagecb_provider.utils.ledger import STATE_KEY, LedgerEntry, Slot
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class DictStateStore(dict):
-    """The methods of Airflow's task_state_store accessor, kept in memory; every write is kept."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.writes: list[dict] = []
-
-    def get(self, key, default=None):
-        return super().get(key, default)
-
-    def set(self, key, value, retention=None):
-        self.writes.append(value)
-        self[key] = value
-
-    def delete(self, key):
-        self.pop(key, None)
 
 
 def _operator(prompt: str, **kwargs) -> ImageGenerateOperator:

@@ -59,17 +59,9 @@ def fast_simulator() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def run_module_dag(airflow_db) -> Callable[..., Any]:
     """Like ``run_dag``, for module-scoped fixtures: register a DAG as the scheduler would, run it."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from imagecb_provider.testing.airflow import run_dag_test
 
-    def run(dag: Any, **kwargs: Any) -> Any:
-        DagBundlesManager().sync_bundles_to_db()
-        bag = DagBag(dag_folder=None, collect_dags=False)
-        bag.bag_dag(dag)
-        sync_bag_to_db(bag, "dags-folder", None)
-        return dag.test(**kwargs)
-
-    return run
+    return run_dag_test
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from imagecb_provider.testing.airflow import InMemoryTaskStateStore as DictStore
 from imagecb_provider.utils.ledger import (
     STATE_KEY,
     Action,
@@ -87,14 +88,6 @@ def test_retire_moves_the_remote_task_to_earlier_and_clears_the_slot():
     )
     slot.retire()  # nothing current: nothing more to remember
     assert len(slot.earlier) == 1
-
-
-class DictStore(dict):
-    def get(self, key, default=None):
-        return super().get(key, default)
-
-    def set(self, key, value, retention=None):
-        self[key] = value
 
 
 def test_the_ledger_round_trips_through_the_store_and_ignores_other_versions():

@@ -21,6 +21,7 @@ from imagecb_provider.exceptions import (
 from imagecb_provider.models import GenerationRequest, Outcome, TaskRecord, TaskState, request_key
 from imagecb_provider.operators.generate import ImageBatchGenerateOperator, ImageGenerateOperator
 from imagecb_provider.sensors.task import ImageTaskSensor
+from imagecb_provider.testing.airflow import InMemoryTaskStateStore as DictStore
 from imagecb_provider.triggers.task import ImageTaskTrigger, task_event
 from imagecb_provider.utils.ledger import STATE_KEY, LedgerEntry, Slot
 
@@ -59,14 +60,6 @@ def _event(status: str, records: dict, *, waited=("task-1",), polls: int = 3, er
         error=error,
         echo=_echo(*waited),
     )
-
-
-class DictStore(dict):
-    def get(self, key, default=None):
-        return super().get(key, default)
-
-    def set(self, key, value, retention=None):
-        self[key] = value
 
 
 # ----------------------------------------------------------------------- the trigger

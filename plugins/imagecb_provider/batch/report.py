@@ -278,7 +278,8 @@ def write_report(
 
 
 # --------------------------------------------------------------------------- the sheet
-_CSS = """
+#: The contact sheet's style, also used by the run view while a batch is going (``ui/pages.py``).
+CONTACT_SHEET_CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px}
 .counts span{display:inline-block;margin:0 8px 8px 0;padding:4px 10px;border-radius:12px;font-size:14px}
@@ -365,7 +366,7 @@ def render_contact_sheet(summary: Mapping[str, Any], *, ui_url: str = "") -> str
     run_id = html.escape(summary["run_id"])
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>imagecb batch {run_id}"
-        f"</title><style>{_CSS}</style></head><body><h1>Image batch {run_id}</h1>"
+        f"</title><style>{CONTACT_SHEET_CSS}</style></head><body><h1>Image batch {run_id}</h1>"
         f'<div class="meta">{summary["prompts"]} prompts from {html.escape(summary["prompts_path"])} · '
         f"{summary['archived_files']} files archived · {summary['lost']} without an image · "
         f"credits used: {credits['used']} · batch time: {durations['batch_seconds']} s{reruns}</div>"

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from imagecb_provider.batch.report import task_instance_url
+from imagecb_provider.batch.report import CONTACT_SHEET_CSS, task_instance_url
 from imagecb_provider.ui.lookup import SUCCESS, Group
 
 #: Served with every page: nothing but these scripts, styles and images; framed only by the UI.
@@ -105,19 +105,14 @@ def with_view_script(page: str, nonce: str) -> str:
     return f"{head}{extra}</body>{tail}" if found else page + extra
 
 
-_LIVE_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
-h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 8px} .meta{color:#666;margin-bottom:16px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:14px}
-.card{background:#fff;border:1px solid #ddd;border-radius:8px;overflow:hidden}
-.card.lost{border:2px solid #c62828}
-.card img{width:100%;height:150px;object-fit:cover;display:block;background:#eee}
-.card .none{height:150px;display:flex;align-items:center;justify-content:center;color:#999;background:#f1f1f1}
-.card .body{padding:8px 10px} .prompt{font-weight:600;word-break:break-word}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff;background:#757575}
-.badge.success{background:#2e7d32} .reason{color:#b71c1c;font-size:12px;margin-top:4px}
-.state{font-size:12px;color:#555} a.ti{font-size:12px}
+# The contact sheet's own style, and what only the live page shows.
+_LIVE_CSS = (
+    CONTACT_SHEET_CSS
+    + """
+h2{font-size:16px;margin:18px 0 8px} .badge{background:#757575} .badge.success{background:#2e7d32}
+.state{font-size:12px;color:#555}
 """
+)
 
 
 def _image(result: Mapping[str, Any]) -> str:
