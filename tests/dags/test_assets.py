@@ -5,7 +5,7 @@ The events are read back from the metadata database: a run that keeps new files 
 event listing them (path, sha256, manifest), a run that keeps nothing new emits none, and an
 event of the batch's asset queues a run of ``imagecb_asset_consumer``, whose task then publishes
 the files the event lists. That the scheduler really starts that run is checked on the real stack
-(``tests/stack/test_assets.py``).
+(``tests/stack/test_stack_assets.py``).
 """
 
 from __future__ import annotations
