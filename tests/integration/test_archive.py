@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from imagecb_provider.batch.archive import sniff_image
+from imagecb_provider.batch.archive import ArchiveStore, sniff_image, storage_path
 from imagecb_provider.exceptions import ImageCbCorruptFile, ImageCbLinkExpired
 from imagecb_provider.hooks.imagecb import ImageCbHook
 from imagecb_provider.models import request_key
@@ -61,6 +63,45 @@ def test_files_are_valid_images_matching_their_manifest_lines(imagecb_simulator,
     assert not list(tmp_path.glob(".*.partial"))
 
 
+def test_a_file_left_with_other_bytes_under_the_final_name_is_replaced(imagecb_simulator, tmp_path):
+    result = _generate("a medlar")
+    destination = tmp_path / "runs"
+    destination.mkdir()
+    stale = destination / f"{result['task_id']}.jpg"
+    stale.write_bytes(b"an older, different file")
+    deep = tmp_path / "new" / "deep" / "folder"
+    assert len(_archive(result, str(deep))["files"]) == 2  # the folder is created with its parents
+    assert len(list(deep.glob("*.jpg"))) == 2
+    _archive(result, str(destination))
+    body = stale.read_bytes()
+    assert hashlib.sha256(body).hexdigest() == _manifest(destination)[0]["sha256"]
+    # The same bytes already there (a try that died before its manifest line): not written again.
+    written = stale.stat().st_mtime_ns, stale.stat().st_ino
+    (destination / "manifest.jsonl").unlink()
+    _archive(result, str(destination))
+    assert (stale.stat().st_mtime_ns, stale.stat().st_ino) == written
+    assert len(_manifest(destination)) == 2
+
+
+def test_a_new_image_for_the_same_request_supersedes_the_old_one_per_source(imagecb_simulator, tmp_path):
+    first, second = _generate("a sloe"), _generate("a sloe")
+    started = datetime.now(UTC)
+    _archive(first, str(tmp_path))
+    _archive(second, str(tmp_path))
+    lines = {(line["remote_task_id"], line["source"]): line for line in _manifest(tmp_path)}
+    assert len(lines) == 4  # the old files are kept
+    for source in ("result", "origin"):
+        assert lines[first["task_id"], source]["superseded_by"] == second["task_id"]
+        assert "superseded_by" not in lines[second["task_id"], source]
+    current = ArchiveStore(storage_path(str(tmp_path)), ImageCbHook()).manifest.current()
+    assert {(line["remote_task_id"], line["source"]) for line in current} == {
+        (second["task_id"], "result"),
+        (second["task_id"], "origin"),
+    }
+    for line in lines.values():
+        assert started <= datetime.fromisoformat(line["archived_at"]) <= datetime.now(UTC)
+
+
 def test_a_rerun_adds_no_file_and_no_line(imagecb_simulator, tmp_path):
     result = _generate("a plum")
     _archive(result, str(tmp_path))
@@ -81,24 +122,35 @@ def test_failed_and_missing_results_are_passed_over(imagecb_simulator, tmp_path)
     assert not (tmp_path / "manifest.jsonl").exists()
 
 
-def test_an_expired_origin_link_is_refreshed_through_the_api(imagecb_simulator, tmp_path):
+def _archive_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "imagecb_provider.batch.archive"]
+
+
+def test_an_expired_origin_link_is_refreshed_through_the_api(imagecb_simulator, tmp_path, caplog):
     imagecb_simulator.configure(origin_ttl=0.3)
     result = _generate("a quince")
     time.sleep(0.5)
-    with pytest.raises(ImageCbLinkExpired, match=r"refused"):
+    with pytest.raises(ImageCbLinkExpired, match=r"refused") as expired:
         ImageCbHook().fetch_file(result["origin_image_url"])
-    archived = _archive(result, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="imagecb_provider.batch.archive"):
+        archived = _archive(result, str(tmp_path))
+    assert _archive_log(caplog) == [f"{expired.value}; asking the API for a fresh link"]
     origin = next(f for f in archived["files"] if f["source"] == "origin")
     assert origin["fetched_via"] == "download_url"
     assert imagecb_simulator.stats()["requests"].get("download-url") == 1
 
 
-def test_when_the_refresh_fails_the_long_lived_result_url_is_used(imagecb_simulator, tmp_path):
+def test_when_the_refresh_fails_the_long_lived_result_url_is_used(imagecb_simulator, tmp_path, caplog):
     imagecb_simulator.configure(origin_ttl=0.3)
     result = _generate("a date")
     time.sleep(0.5)
     imagecb_simulator.inject(endpoint="download-url", code=422, msg="url not recognised")
-    archived = _archive(result, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="imagecb_provider.batch.archive"):
+        archived = _archive(result, str(tmp_path))
+    refused = _archive_log(caplog)[1]
+    assert refused.startswith("Could not refresh the link (")
+    assert "url not recognised" in refused
+    assert refused.endswith("); using the long-lived result URL instead")
     origin = next(f for f in archived["files"] if f["source"] == "origin")
     kept = next(f for f in archived["files"] if f["source"] == "result")
     assert origin["fetched_via"] == "result_url"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from airflow.sdk import ObjectStoragePath
 
 from imagecb_provider.exceptions import ImageCbCorruptFile
 from imagecb_provider.hooks import imagecb as hook_module
@@ -43,5 +46,23 @@ def test_a_file_over_the_size_cap_is_refused_while_downloading(imagecb_simulator
     monkeypatch.setattr(hook_module, "MAX_FILE_BYTES", 1000)
     with pytest.raises(ImageCbCorruptFile):
         _archive(result, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".jpg", ".png", ".partial")]
+    assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_a_store_that_keeps_fewer_bytes_than_sent_is_caught_and_nothing_is_kept(
+    imagecb_simulator, tmp_path, monkeypatch
+):
+    result = _generate("a vase")
+    write_bytes = ObjectStoragePath.write_bytes
+
+    def short_write(path, data):  # an object store that silently drops the end of a body
+        return write_bytes(path, data[:-10])
+
+    monkeypatch.setattr(ObjectStoragePath, "write_bytes", short_write)
+    with pytest.raises(ImageCbCorruptFile, match=r"stored (\d+) of \d+ bytes") as error:
+        _archive(result, tmp_path)
+    stored, sent = map(int, re.search(r"stored (\d+) of (\d+)", str(error.value)).groups())
+    assert sent - stored == 10
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".jpg", ".png", ".partial")]
     assert not (tmp_path / "manifest.jsonl").exists()

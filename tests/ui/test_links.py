@@ -116,7 +116,11 @@ def test_the_plugin_declares_the_app_the_tab_and_the_links(api, token_for):
     plugins = {p["name"]: p for p in api.get("/api/v2/plugins").json()["plugins"]}
     plugin = plugins["imagecb"]
     assert [(a["name"], a["url_prefix"]) for a in plugin["fastapi_apps"]] == [("imagecb", "/imagecb")]
-    (view,) = plugin["external_views"]
+    view, docs = plugin["external_views"]
     assert (view["name"], view["destination"], view["url_route"]) == ("Contact sheet", "dag_run", VIEW_ROUTE)
     assert view["href"].endswith("/imagecb/dags/{DAG_ID}/runs/{RUN_ID}/view")
+    assert (docs["name"], docs["destination"], docs["href"]) == ("imagecb docs", "nav", "/imagecb/docs")
+    page = api.get(docs["href"])
+    assert page.status_code == 200
+    assert "Scale" in page.text
     assert len(plugin["global_operator_extra_links"]) == 3

@@ -116,3 +116,10 @@ def test_remote_ids_of_slot_names_every_attempt_or_none_when_unbound():
     assert remote_ids_of_slot(value, 2) is None
     assert remote_ids_of_slot(None, 0) is None
     assert remote_ids_of_slot({"slots": "junk"}, 0) is None
+
+
+def test_remote_ids_of_slot_ignore_empty_and_non_string_ids():
+    value = {"slots": [{"remote_task_id": "", "earlier": [{"remote_task_id": 7}, {"remote_task_id": None}]}]}
+    assert remote_ids_of_slot(value, 0) is None
+    value["slots"][0]["earlier"].append({"remote_task_id": "r1"})
+    assert remote_ids_of_slot(value, 0) == {"r1"}

@@ -28,6 +28,7 @@ from airflow.sdk import ObjectStoragePath
 
 from imagecb_provider.exceptions import ImageCbCorruptFile, ImageCbError, ImageCbLinkExpired
 from imagecb_provider.hooks.imagecb import ImageCbHook
+from imagecb_provider.hooks.protocol import without_query
 from imagecb_provider.models import to_iso
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -40,11 +41,10 @@ VIA_DIRECT = "direct"
 VIA_DOWNLOAD_URL = "download_url"
 VIA_RESULT_URL = "result_url"
 
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "image/jpeg", "jpg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png", "png"),
-    (b"RIFF", "image/webp", "webp"),
-)
+#: How each kind of image starts and ends: (content type, extension, start, end). A WebP is a
+#: RIFF container of form "WEBP" (bytes 8-11) and carries its own length, so no end marker.
+_JPEG = ("image/jpeg", "jpg", b"\xff\xd8\xff", b"\xff\xd9")
+_PNG = ("image/png", "png", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")  # the IEND chunk and its CRC
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,13 @@ def sniff_image(body: bytes, url: str) -> tuple[str, str]:
     """The (content type, extension) of a whole image, or :class:`ImageCbCorruptFile`."""
     if len(body) < MIN_IMAGE_BYTES:
         raise ImageCbCorruptFile(f"The file from {url} has only {len(body)} bytes: not an image")
-    for signature, content_type, extension in _SIGNATURES:
-        if body.startswith(signature):
-            if content_type == "image/webp" and body[8:12] != b"WEBP":
-                continue
-            if content_type == "image/jpeg" and not body.rstrip(b"\x00").endswith(b"\xff\xd9"):
-                raise ImageCbCorruptFile(f"The JPEG from {url} is truncated (no end-of-image marker)")
-            if content_type == "image/png" and b"IEND" not in body[-16:]:
-                raise ImageCbCorruptFile(f"The PNG from {url} is truncated (no IEND chunk)")
+    if body.startswith(b"RIFF") and body[8:12] == b"WEBP":
+        return "image/webp", "webp"
+    for content_type, extension, start, end in (_JPEG, _PNG):
+        if body.startswith(start):
+            # Zero padding after the end marker is tolerated; a missing marker is a cut-off file.
+            if not body.rstrip(b"\x00").endswith(end):
+                raise ImageCbCorruptFile(f"The file from {url} is a truncated {content_type} (no end marker)")
             return content_type, extension
     raise ImageCbCorruptFile(f"The file from {url} is not a JPEG, PNG or WebP image")
 
@@ -141,7 +140,7 @@ class ArchiveStore:
     ) -> ArchivedFile:
         """Download, verify and write one file (idempotent: same name, same bytes, no second write)."""
         body, via = self.download(url, refresh_fallback=fallback_url)
-        content_type, extension = sniff_image(body, url.split("?", 1)[0])
+        content_type, extension = sniff_image(body, without_query(url))
         digest = hashlib.sha256(body).hexdigest()
         suffix = "" if source == "result" else f".{source}"
         target = self.destination / f"{remote_task_id}{suffix}.{extension}"

@@ -49,6 +49,7 @@ from imagecb_provider.hooks.protocol import (
     RetryPolicy,
     error_for,
     parse_envelope,
+    without_query,
 )
 from imagecb_provider.models import GenerationRequest, TaskRecord
 
@@ -160,11 +161,6 @@ def _positive(conn_id: str, name: str, value: Any, default: float) -> float:
             f"leave it out for the default ({default:g})"
         )
     return number
-
-
-def _without_query(url: str) -> str:
-    """A URL fit for a message: pre-signed links carry their token in the query."""
-    return url.split("?", 1)[0]
 
 
 def _never_reached_server(error: requests.RequestException) -> bool:
@@ -284,7 +280,7 @@ class ImageCbHook(HttpHook):
         return self.retry_policy.retrying(RETRYABLE_ERRORS)(self._fetch_once, url, limit)
 
     def _fetch_once(self, url: str, max_bytes: int) -> tuple[bytes, str]:
-        shown = _without_query(url)
+        shown = without_query(url)
         try:
             with requests.get(url, timeout=self.settings.timeout, stream=True) as response:
                 if response.status_code in LINK_REFUSED_STATUSES:

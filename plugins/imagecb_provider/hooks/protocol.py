@@ -68,6 +68,11 @@ def error_for(code: int, msg: str, endpoint: str, retry_after: float | None = No
     return cls(code, msg, endpoint, retry_after=retry_after)
 
 
+def without_query(url: str) -> str:
+    """A URL fit for a message or a log: pre-signed links carry their token in the query."""
+    return url.partition("?")[0]
+
+
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """``Retry-After`` as seconds, from either of its forms (delta seconds or an HTTP date)."""
     value = (headers or {}).get("Retry-After") or (headers or {}).get("retry-after")
@@ -135,7 +140,7 @@ class RetryPolicy:
     sleep: Callable[[float], Any] | None = None
 
     def wait_seconds(self, retry_state: RetryCallState) -> float:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
+        error = retry_state.outcome.exception()  # tenacity waits only after an attempt ended
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             return min(retry_after, self.max_retry_after)
@@ -173,14 +178,13 @@ class RetryPolicy:
             await result
 
     def _log_retry(self, retry_state: RetryCallState) -> None:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        # before_sleep runs once tenacity has the attempt's outcome and the next wait
         log.warning(
             "imagecb API call failed (%s); attempt %d of %d, retrying in %.1f s",
-            error,
+            retry_state.outcome.exception(),
             retry_state.attempt_number,
             self.max_attempts,
-            wait,
+            retry_state.next_action.sleep,
         )
 
 

@@ -219,7 +219,7 @@ class GenerationMixin:
             if record is not None:
                 _settle(slot, TaskRecord.from_dict(record), event["via"].get(slot.remote_task_id, "poll"))
         if event["status"] == EVENT_ERROR:
-            return _fail_on_error(self, entry, ledger, event["error"])
+            return _fail_on_error(entry, ledger, event["error"])
         for slot in waited:
             if slot.outcome is None:  # still generating at the deadline
                 slot.outcome, slot.message = Outcome.TIMEOUT.value, ""
@@ -299,7 +299,7 @@ def _result(slot: Slot, payload: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _fail_on_error(task: GeneratingTask, entry: LedgerEntry, ledger: SubmissionLedger, error: dict) -> None:
+def _fail_on_error(entry: LedgerEntry, ledger: SubmissionLedger, error: dict) -> None:
     """
     Raise the API error that ended the wait, leaving the ledger so the next try can go on.
 
@@ -312,7 +312,6 @@ def _fail_on_error(task: GeneratingTask, entry: LedgerEntry, ledger: SubmissionL
                 slot.outcome, slot.message = None, "unknown to the API (404)"
                 slot.retire()
     ledger.save(entry)
-    task.log.error("Waiting ended with an API error: %s", error.get("message"))
     raise error_from_event(error)
 
 

@@ -109,8 +109,10 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def up(args: argparse.Namespace) -> int:
     """Start a stack, print how to reach it, wait for Ctrl-C, stop it."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # SIGINT too: a process started in the background by a non-interactive shell (CI) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _raise_interrupt)
     stack = stack_from(args)
     try:
         stack.start()

@@ -1,0 +1,118 @@
+"""The wire rules both hooks share: which codes are retried, how long a retry waits, what it logs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from imagecb_provider.exceptions import (
+    ImageCbPermanentApiError,
+    ImageCbRateLimited,
+    ImageCbServerError,
+)
+from imagecb_provider.hooks.protocol import RetryPolicy, error_for, without_query
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (400, ImageCbPermanentApiError),
+        (418, ImageCbPermanentApiError),
+        (500, ImageCbServerError),
+        (503, ImageCbServerError),
+    ],
+)
+def test_codes_without_a_class_of_their_own_are_permanent_below_500(code, expected):
+    error = error_for(code, "vendor text", "/endpoint")
+    assert type(error) is expected
+    assert (error.code, error.msg, error.endpoint) == (code, "vendor text", "/endpoint")
+
+
+def test_without_query_keeps_no_part_of_a_signed_links_query():
+    assert without_query("https://cdn/x.jpg?sig=SECRET?more=1") == "https://cdn/x.jpg"
+    assert without_query("https://cdn/x.jpg") == "https://cdn/x.jpg"
+
+
+def _failing(times: int, error: Exception):
+    calls = []
+
+    def call():
+        calls.append(1)
+        if len(calls) <= times:
+            raise error
+        return "done"
+
+    return call, calls
+
+
+def test_backoff_doubles_from_the_initial_delay_up_to_the_cap():
+    waits: list[float] = []
+    policy = RetryPolicy(max_attempts=5, initial_delay=2.0, max_delay=5.0, jitter=0, sleep=waits.append)
+    call, calls = _failing(4, ImageCbServerError(500, "busy", "/x"))
+    assert policy.retrying()(call) == "done"
+    assert waits == [2.0, 4.0, 5.0, 5.0]
+    assert len(calls) == 5
+
+
+def test_jitter_is_added_to_the_backoff():
+    waits: list[float] = []
+    policy = RetryPolicy(max_attempts=9, initial_delay=1.0, max_delay=1000.0, jitter=3.0, sleep=waits.append)
+    call, _ = _failing(8, ImageCbServerError(500, "busy", "/x"))
+    policy.retrying()(call)
+    jitters = [wait - 2**n for n, wait in enumerate(waits)]
+    assert len(jitters) == 8
+    assert all(0 <= j <= 3.0 for j in jitters)
+    assert sum(jitters) > 0.5  # eight draws of U(0, 3) summing under 0.5: about one chance in 10^8
+
+
+def test_retry_after_wins_over_the_backoff_and_is_capped():
+    waits: list[float] = []
+    policy = RetryPolicy(
+        max_attempts=3, initial_delay=1.0, jitter=0, max_retry_after=30.0, sleep=waits.append
+    )
+    call, _ = _failing(2, ImageCbRateLimited(429, "slow down", "/x", retry_after=7.0))
+    policy.retrying()(call)
+    assert waits == [7.0, 7.0]
+    waits.clear()
+    call, _ = _failing(1, ImageCbRateLimited(429, "slow down", "/x", retry_after=900.0))
+    policy.retrying()(call)
+    assert waits == [30.0]
+
+
+def test_a_permanent_error_is_not_retried():
+    waits: list[float] = []
+    call, calls = _failing(1, ImageCbPermanentApiError(400, "bad", "/x"))
+    with pytest.raises(ImageCbPermanentApiError):
+        RetryPolicy(sleep=waits.append).retrying()(call)
+    assert (len(calls), waits) == (1, [])
+
+
+async def test_the_async_retry_awaits_a_coroutine_sleep():
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    attempts = []
+
+    async def call():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ImageCbServerError(502, "bad gateway", "/x")
+        return "done"
+
+    policy = RetryPolicy(initial_delay=1.0, jitter=0, sleep=sleep)
+    assert await policy.async_retrying()(call) == "done"
+    assert waits == [1.0, 2.0]
+
+
+def test_each_retry_is_logged_with_its_error_attempt_and_wait(caplog):
+    policy = RetryPolicy(max_attempts=4, initial_delay=3.0, jitter=0, sleep=lambda _: None)
+    call, _ = _failing(1, ImageCbServerError(503, "overloaded", "/api/x"))
+    with caplog.at_level(logging.WARNING, logger="imagecb_provider.hooks.protocol"):
+        policy.retrying()(call)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"imagecb API call failed ({ImageCbServerError(503, 'overloaded', '/api/x')}); "
+        "attempt 1 of 4, retrying in 3.0 s"
+    ]
