@@ -84,19 +84,21 @@ def test_a_file_left_with_other_bytes_under_the_final_name_is_replaced(imagecb_s
 
 
 def test_a_new_image_for_the_same_request_supersedes_the_old_one_per_source(imagecb_simulator, tmp_path):
-    first, second = _generate("a sloe"), _generate("a sloe")
+    first, second, third = _generate("a sloe"), _generate("a sloe"), _generate("a sloe")
     started = datetime.now(UTC)
-    _archive(first, str(tmp_path))
-    _archive(second, str(tmp_path))
+    for result in (first, second, third):
+        _archive(result, str(tmp_path))
     lines = {(line["remote_task_id"], line["source"]): line for line in _manifest(tmp_path)}
-    assert len(lines) == 4  # the old files are kept
+    assert len(lines) == 6  # the old files are kept
     for source in ("result", "origin"):
+        # each line names the image that replaced it, and keeps that name when a newer one comes
         assert lines[first["task_id"], source]["superseded_by"] == second["task_id"]
-        assert "superseded_by" not in lines[second["task_id"], source]
+        assert lines[second["task_id"], source]["superseded_by"] == third["task_id"]
+        assert "superseded_by" not in lines[third["task_id"], source]
     current = ArchiveStore(storage_path(str(tmp_path)), ImageCbHook()).manifest.current()
     assert {(line["remote_task_id"], line["source"]) for line in current} == {
-        (second["task_id"], "result"),
-        (second["task_id"], "origin"),
+        (third["task_id"], "result"),
+        (third["task_id"], "origin"),
     }
     for line in lines.values():
         assert started <= datetime.fromisoformat(line["archived_at"]) <= datetime.now(UTC)

@@ -279,3 +279,19 @@ def test_a_submission_refused_by_the_api_is_sent_again_by_the_next_try(imagecb_s
     result = retry.execute(_context(store, retry, try_number=2))
     assert result["outcome"] == "success"
     assert imagecb_simulator.stats()["submissions"] == {"a cliff": 1}
+
+
+@pytest.mark.timeout(60)  # resubmitting without end would hang here
+def test_a_request_failing_every_time_is_resubmitted_exactly_once(imagecb_simulator, capsys):
+    prompt = "a kiln [sim:internal_error]"
+    store = DictStateStore()
+    op = _operator(prompt, resubmit_outcomes=["internal_error"], failure_mode="return")
+    result = op.execute(_context(store, op, try_number=1))
+    assert result["outcome"] == "internal_error"
+    (earlier,) = result["earlier"]
+    assert earlier["outcome"] == "internal_error"
+    assert imagecb_simulator.stats()["submissions"] == {prompt: 2}
+    assert store[STATE_KEY]["slots"][0]["resubmits"] == 1
+    log = capsys.readouterr().out
+    assert f"Resubmitting 1 request(s) once: {earlier['remote_task_id']} ended with internal_error" in log
+    assert "after -" not in log  # the API's clock stamps the end: no negative duration

@@ -5,12 +5,13 @@ double none, on a local folder (a lock file) and on S3 through moto (conditional
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from imagecb_provider.batch.archive import JsonlLedger, storage_path
+from imagecb_provider.batch.archive import JsonlLedger, _is_precondition_failure, storage_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -79,3 +80,25 @@ def test_a_new_image_of_the_same_request_supersedes_the_old_line(tmp_path, where
     assert "superseded_by" not in lines["other"]
     assert [line["remote_task_id"] for line in ledger.current()] == ["other", "new"]
     assert ledger.add([old]) == 0  # an old line is never added again
+
+
+@pytest.mark.parametrize(
+    ("error", "conflict"),
+    [
+        (OSError("At least one of the pre-conditions you specified did not hold"), True),  # s3fs
+        (OSError("An error occurred (PreconditionFailed) when calling the PutObject operation"), True),
+        (OSError("An error occurred (AccessDenied) when calling the PutObject operation"), False),
+        (PermissionError("read-only file system"), False),
+    ],
+)
+def test_only_a_failed_write_condition_counts_as_a_conflict(error, conflict):
+    assert _is_precondition_failure(error) is conflict
+
+
+def test_a_manifest_write_that_fails_for_another_reason_is_not_retried(moto_s3, caplog):
+    ledger = _ledger("s3://no-such-bucket/batch", "aws_moto")
+    entry = {"remote_task_id": "r", "source": "result", "request_key": "k"}
+    # s3fs's own error for a missing bucket: any OSError but a failed condition
+    with caplog.at_level(logging.INFO, logger="imagecb_provider.batch.archive"), pytest.raises(OSError):  # noqa: PT011
+        ledger.add([entry])
+    assert "reading it again" not in caplog.text

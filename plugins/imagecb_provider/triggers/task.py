@@ -86,6 +86,10 @@ def error_details(error: ImageCbError, remote_task_id: str) -> dict[str, Any]:
     return details
 
 
+#: How many recent render times per connection the estimate is the median of.
+RENDER_TIMES_KEPT = 64
+
+
 class RenderTimes:
     """
     How long images of one connection took to render lately, shared by every trigger of a process.
@@ -95,7 +99,7 @@ class RenderTimes:
     interval later: at most one extra status call per image when the guess is early.
     """
 
-    def __init__(self, keep: int = 64) -> None:
+    def __init__(self, keep: int = RENDER_TIMES_KEPT) -> None:
         self._seconds: dict[str, deque[float]] = {}
         self._keep = keep
 

@@ -157,7 +157,8 @@ class ImageTaskWaitMixin:
             if result["task_id"]
             else f"Request {str(result['prompt'])[:60]!r} (no remote task id)",
             result["outcome"],
-            f"{(ended - submitted).total_seconds():.0f} s" if submitted else "an unknown time",
+            # the API's clock, not ours, stamps the end: never report a negative duration
+            f"{max((ended - submitted).total_seconds(), 0.0):.0f} s" if submitted else "an unknown time",
             result["polls"],
             result["via"],
             f": {result['message']}" if result["message"] else "",
