@@ -10,6 +10,7 @@ real stack (a cleared rerun).
 from __future__ import annotations
 
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -295,3 +296,18 @@ def test_a_request_failing_every_time_is_resubmitted_exactly_once(imagecb_simula
     log = capsys.readouterr().out
     assert f"Resubmitting 1 request(s) once: {earlier['remote_task_id']} ended with internal_error" in log
     assert "after -" not in log  # the API's clock stamps the end: no negative duration
+
+
+def test_the_trigger_is_told_when_each_image_was_submitted(imagecb_simulator):
+    """It polls an image when images lately took to render, counted from its submission."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    store = DictStateStore()
+    op = ImageGenerateOperator(task_id="generate", prompt="a heron", poll_interval=30)
+    before = time.time()
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(_context(store, op, try_number=1))
+    trigger = deferred.value.trigger
+    remote_task_id = store[STATE_KEY]["slots"][0]["remote_task_id"]
+    assert list(trigger.submitted_at) == [remote_task_id]
+    assert before - 1 <= trigger.submitted_at[remote_task_id] <= time.time()

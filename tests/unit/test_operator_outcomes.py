@@ -301,3 +301,16 @@ def test_sensor_builds_the_request_from_the_record_params():
     assert result["prompt"] == "a fox"
     assert result["request"] == {"prompt": "a fox"}
     assert result["polls"] == 2
+
+
+def test_the_result_says_an_ending_was_learned_from_a_callback():
+    op = ImageGenerateOperator(task_id="g", prompt="a cat", aspect_ratio="1:1", wait_mode="callback")
+    event = task_event(
+        "done",
+        records={"task-1": _record(Outcome.SUCCESS, 200)},
+        polls={"task-1": 0},
+        via={"task-1": "callback"},
+        echo=_echo("task-1", polls=0),
+    )
+    result = op.execute_complete({"task_state_store": DictStore()}, event)
+    assert (result["via"], result["polls"]) == ("callback", 0)
