@@ -11,7 +11,7 @@ from imagecb_provider.exceptions import (
     ImageCbRateLimited,
     ImageCbServerError,
 )
-from imagecb_provider.hooks.protocol import RetryPolicy, error_for, without_query
+from imagecb_provider.hooks.protocol import RetryPolicy, error_for, parse_retry_after, without_query
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,19 @@ def test_each_retry_is_logged_with_its_error_attempt_and_wait(caplog):
         f"imagecb API call failed ({ImageCbServerError(503, 'overloaded', '/api/x')}); "
         "attempt 1 of 4, retrying in 3.0 s"
     ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "7"}, 7.0),
+        ({"retry-after": "7"}, 7.0),  # a plain dict, as the async hook's headers may be
+        ({"Retry-After": "0"}, 0.0),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"Retry-After": "soon"}, None),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_read_in_either_spelling_and_never_negative(headers, seconds):
+    assert parse_retry_after(headers) == seconds
