@@ -50,19 +50,7 @@ mapfile -t earlier < <(survivors)
 
 # SAMPLE=N: N mutants per module picked at random among those not tested yet (with the earlier
 # survivors), for an estimate of each module's kill rate when a full run would take too long.
-sample() {
-    mutmut results --all true 2>/dev/null | "$VENV/bin/python" -c '
-import collections, random, re, sys
-by_module = collections.defaultdict(list)
-for line in sys.stdin:
-    match = re.match(r"\s*(\S+?)\.x[_\u01c1]\S*__mutmut_\d+: not checked$", line)
-    if match:
-        by_module[match[1]].append(line.split(":")[0].strip())
-random.seed(int(sys.argv[2]))
-for names in by_module.values():
-    print("\n".join(random.sample(names, min(len(names), int(sys.argv[1])))))
-' "$1" "${SEED:-1}"
-}
+sample() { mutmut results --all true 2>/dev/null | "$VENV/bin/python" scripts/mutation_results.py sample "$1" "${SEED:-1}"; }
 
 started=$(date +%s)
 if [[ -n ${SAMPLE:-} ]]; then
@@ -80,51 +68,4 @@ echo "== mutmut run: $(($(date +%s) - started)) s"
 
 mutmut export-cicd-stats
 mutmut results --all true >mutants/results.txt
-"$VENV/bin/python" - mutants/results.txt "$THRESHOLD" <<'PY'
-"""Print the per-module table of `mutmut results --all true`; exit 1 below the kill-rate threshold."""
-
-import collections
-import re
-import sys
-
-LINE = re.compile(r"\s*(?P<module>\S+?)\.x[_\u01c1]\S*__mutmut_\d+: (?P<status>.+)$")
-
-
-CAUGHT = {"killed", "timeout", "caught by type check"}
-UNTESTED = {"not checked"}
-
-
-def main(path: str, threshold: float) -> int:
-    """Count the verdicts per module, print them, and tell whether the threshold is met."""
-    rows: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    with open(path, encoding="utf-8") as results:
-        for line in results:
-            match = LINE.match(line)
-            if match:
-                rows[match["module"]][match["status"].strip()] += 1
-    total: collections.Counter = collections.Counter()
-    print(f"{'module':<36} {'mutants':>8} {'tested':>7} {'killed':>7} {'survived':>9} {'kill rate':>10}")
-    for module in sorted(rows):
-        total.update(rows[module])
-        print(_row(module, rows[module]))
-    print(_row("all", total))
-    print("statuses:", ", ".join(f"{n} {status}" for status, n in sorted(total.items())))
-    print("survivors: `mutmut results`, `mutmut show <name>`; each is killed by a test or in docs/mutation.md")
-    return 0 if _rate(total) >= threshold else 1
-
-
-def _rate(counts: collections.Counter) -> float:
-    """Caught among the mutants tested (a survivor, a mutant no test covers, count against)."""
-    tested = sum(n for status, n in counts.items() if status not in UNTESTED)
-    return sum(counts[status] for status in CAUGHT) / tested if tested else 0.0
-
-
-def _row(name: str, counts: collections.Counter) -> str:
-    n = sum(counts.values())
-    tested = n - sum(counts[status] for status in UNTESTED)
-    caught = sum(counts[status] for status in CAUGHT)
-    return f"{name:<36} {n:>8} {tested:>7} {caught:>7} {tested - caught:>9} {_rate(counts):>10.1%}"
-
-
-sys.exit(main(sys.argv[1], float(sys.argv[2])))
-PY
+"$VENV/bin/python" scripts/mutation_results.py table "$THRESHOLD" <mutants/results.txt
