@@ -23,6 +23,7 @@ from imagecb_provider.operators.generate import ImageBatchGenerateOperator, Imag
 from imagecb_provider.sensors.task import ImageTaskSensor
 from imagecb_provider.testing.airflow import InMemoryTaskStateStore as DictStore
 from imagecb_provider.triggers.task import ImageTaskTrigger, task_event
+from imagecb_provider.utils.generation import _callback_urls
 from imagecb_provider.utils.ledger import STATE_KEY, LedgerEntry, Slot
 
 REQUEST = {"prompt": "a cat", "aspectRatio": "1:1"}
@@ -160,6 +161,18 @@ def test_templated_arguments_are_validated_after_rendering():
     op.prompt, op.aspect_ratio = "a cat", "2:1"  # what rendering would produce
     with pytest.raises(InvalidGenerationRequest, match="aspect_ratio"):
         op.execute({})
+
+
+def test_rendered_flags_and_callback_timeouts_are_checked_before_any_submission():
+    op = ImageGenerateOperator(task_id="g", prompt="a cat", deferrable="{{ params.defer }}")
+    op.deferrable = "maybe"  # what rendering would produce
+    with pytest.raises(ValueError, match="deferrable='maybe': must be true or false"):
+        op.execute({})
+
+    callback = ImageGenerateOperator(task_id="g", prompt="a cat", wait_mode="callback")
+    callback.timeout = -1  # a rendered value: the callback token's lifetime is derived from it
+    with pytest.raises(ValueError, match="timeout=-1"):
+        _callback_urls(callback, {}, settings=None, indexes=[0])
 
 
 def test_explicit_arguments_win_over_the_request_mapping():

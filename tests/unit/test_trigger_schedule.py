@@ -55,3 +55,31 @@ def test_render_times_keep_only_the_latest():
     for seconds in (100.0, 10.0, 12.0):
         times.observe("c", seconds)
     assert times.estimate("c") == 11.0
+
+
+async def test_callbacks_end_signed_tasks_and_make_unsigned_ones_due_now():
+    """A signed callback ends its task; an unsigned one only makes its task due for a status call."""
+    from datetime import UTC, datetime
+
+    from imagecb_provider.callbacks.client import CallbackItem
+    from imagecb_provider.callbacks.watcher import CallbackInbox
+    from imagecb_provider.triggers.task import ImageTaskTrigger
+
+    def item(n: int, remote_task_id: str, signed: bool) -> CallbackItem:
+        body = {"code": 200, "msg": "success", "data": {"taskId": remote_task_id, "info": {}}}
+        return CallbackItem(n, remote_task_id, body, datetime.now(UTC), signed=signed, code=200)
+
+    trigger = ImageTaskTrigger(remote_task_ids=["signed", "unsigned", "ended"], wait_mode="callback")
+    wait = _Wait(["signed", "unsigned", "ended"], {}, default=1000.0, submitted={})
+    del wait.pending["ended"]  # ended before its callback came: nothing to do
+    inbox = CallbackInbox(["signed", "unsigned", "ended"])
+    for n, (remote_task_id, signed) in enumerate([("signed", True), ("unsigned", False), ("ended", True)]):
+        inbox.put(item(n, remote_task_id, signed))
+
+    await trigger._take_callbacks(inbox, wait, pause=0.01)
+
+    assert wait.via == {"signed": "callback"}
+    assert wait.records["signed"].outcome == "success"
+    assert wait.due(now=0.0) == ["unsigned"]  # due at once, confirmed by one status call
+    assert wait.woken == {"unsigned"}
+    assert "ended" not in wait.records
