@@ -55,6 +55,7 @@ sample() { mutmut results --all true 2>/dev/null | "$VENV/bin/python" scripts/mu
 started=$(date +%s)
 if [[ -n ${SAMPLE:-} ]]; then
     mapfile -t picked < <(sample "$SAMPLE")
+    printf '%s\n' "${picked[@]}" >>mutants/sampled.txt # their own table: an estimate without bias
     echo "== testing ${#picked[@]} mutant(s) picked at random, and ${#earlier[@]} earlier survivor(s)"
     mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${picked[@]}" "${earlier[@]}" || true
 else
@@ -68,4 +69,4 @@ echo "== mutmut run: $(($(date +%s) - started)) s"
 
 mutmut export-cicd-stats
 mutmut results --all true >mutants/results.txt
-"$VENV/bin/python" scripts/mutation_results.py table "$THRESHOLD" <mutants/results.txt
+"$VENV/bin/python" scripts/mutation_results.py table "$THRESHOLD" mutants/sampled.txt <mutants/results.txt

@@ -1,14 +1,17 @@
 """
 Read ``mutmut results --all true`` from standard input, for ``scripts/mutation.sh``.
 
-    python scripts/mutation_results.py table THRESHOLD   per-module table; exit 1 below the kill rate
-    python scripts/mutation_results.py sample N SEED     N untested mutants per module, at random
+    python scripts/mutation_results.py table THRESHOLD [SAMPLED]
+        the table per module (and another of the mutants listed in SAMPLED); exit 1 below the rate
+    python scripts/mutation_results.py sample N SEED
+        N untested mutants per module, at random
 """
 
 import collections
 import random
 import re
 import sys
+from pathlib import Path
 
 LINE = re.compile(r"\s*(?P<name>(?P<module>\S+?)\.x[_\u01c1]\S*__mutmut_\d+): (?P<status>.+)$")
 CAUGHT = {"killed", "timeout", "caught by type check"}
@@ -39,16 +42,32 @@ def _row(name: str, counts: collections.Counter) -> str:
     return f"{name:<36} {n:>8} {tested:>7} {caught:>7} {tested - caught:>9} {rate:>10.1%}"
 
 
-def table(lines, threshold: float) -> int:
-    """Print the verdicts per module; tell whether the threshold is met."""
+def _table(by_module: dict[str, list[tuple[str, str]]]) -> collections.Counter:
+    """Print one row per module and the total; return the total's counts."""
     total: collections.Counter = collections.Counter()
     print(f"{'module':<36} {'mutants':>8} {'tested':>7} {'killed':>7} {'survived':>9} {'kill rate':>10}")
-    for module, mutants in sorted(_by_module(lines).items()):
+    for module, mutants in sorted(by_module.items()):
         counts = collections.Counter(status for _, status in mutants)
         total.update(counts)
         print(_row(module, counts))
     print(_row("all", total))
+    return total
+
+
+def table(lines, threshold: float, sampled: set[str] = frozenset()) -> int:
+    """
+    Print the verdicts per module; tell whether the threshold is met.
+
+    ``sampled`` names the mutants ever picked at random (``SAMPLE=N``): they get a table of their
+    own, an estimate free of the cheapest-first order in which mutmut tests the rest.
+    """
+    by_module = _by_module(lines)
+    total = _table(by_module)
     print("statuses:", ", ".join(f"{n} {status}" for status, n in sorted(total.items())))
+    picked = {m: [row for row in rows if row[0] in sampled] for m, rows in by_module.items()}
+    if any(picked.values()):
+        print("\nof which picked at random (SAMPLE):")
+        _table({m: rows for m, rows in picked.items() if rows})
     print("survivors: `mutmut results`, `mutmut show <name>`; each killed by a test or in docs/mutation.md")
     return 0 if _figures(total)[3] >= threshold else 1
 
@@ -66,5 +85,7 @@ def sample(lines, per_module: int, seed: int) -> int:
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "table":
-        sys.exit(table(sys.stdin, float(args[0])))
+        listed = Path(args[1]) if len(args) > 1 else None
+        sampled = set(listed.read_text().split()) if listed and listed.exists() else set()
+        sys.exit(table(sys.stdin, float(args[0]), sampled))
     sys.exit(sample(sys.stdin, int(args[0]), int(args[1])))

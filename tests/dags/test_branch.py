@@ -603,6 +603,28 @@ def test_guards_are_installed_whatever_the_dependency_syntax():
     direct = {"t1", "t2", "t3", "t4", "t5", "t6", "tg.root", "by_task_fn"}
     assert set(route.downstream_task_ids) == direct
     assert {t.task_id for t in dag.tasks if _has_guard(t, "route")} == direct
+    assert dag.get_edge_info("route", "t6") == {"label": "labelled"}  # the edge keeps its label
+
+
+def test_the_missing_guard_error_names_the_tasks_and_the_fix():
+    with _dag("branch_unguarded_message") as dag:
+
+        @task_group(group_id="grp")
+        def grp(index: int):
+            route = ImageOutcomeBranchOperator(task_id="route", result=index, branches={"success": "ok"})
+            route >> task(lambda: None, task_id="ok")()
+            for name in ("b", "a"):  # added behind the operators' back: no guard gets installed
+                sneaky = task(lambda: None, task_id=name)()
+                route.downstream_task_ids.add(sneaky.operator.task_id)
+
+        grp.expand(index=[0])
+
+    with pytest.raises(AirflowFailException) as error:
+        dag.get_task("grp.route")._check_guards(map_index=0)
+    assert str(error.value) == (
+        "Cannot route per map index: direct downstream task(s) ['grp.a', 'grp.b'] of grp.route carry "
+        "no outcome guard: was the dependency set without >>, <<, set_downstream or set_upstream?"
+    )
 
 
 def test_decision_resolves_relative_full_and_group_ids_and_follows_joins():

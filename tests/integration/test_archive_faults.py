@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from airflow.sdk import ObjectStoragePath
 
+from imagecb_provider.batch.archive import ArchiveStore, storage_path
 from imagecb_provider.exceptions import ImageCbCorruptFile
 from imagecb_provider.hooks import imagecb as hook_module
 from imagecb_provider.hooks.imagecb import ImageCbHook
@@ -66,3 +71,39 @@ def test_a_store_that_keeps_fewer_bytes_than_sent_is_caught_and_nothing_is_kept(
     assert sent - stored == 10
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".jpg", ".png", ".partial")]
     assert not (tmp_path / "manifest.jsonl").exists()
+
+
+@contextmanager
+def _file_host(body: bytes) -> Iterator[str]:
+    """Serve ``body`` for any path, as a pre-signed file link's host would; yield its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_cut_off_download_is_refused_naming_its_link_without_the_signature(imagecb_simulator, tmp_path):
+    cut_off_jpeg = b"\xff\xd8\xff\xe0" + b"x" * 2000  # no end marker: the transfer stopped early
+    with _file_host(cut_off_jpeg) as host:
+        store = ArchiveStore(storage_path(str(tmp_path)), ImageCbHook())
+        with pytest.raises(ImageCbCorruptFile) as refused:
+            store.keep("t-1", "result", f"{host}/files/t-1.jpg?X-Signature=s3cr3t", prompt="a lamp")
+    assert (
+        str(refused.value) == f"The file from {host}/files/t-1.jpg is a truncated image/jpeg (no end marker)"
+    )
+    assert not list(tmp_path.iterdir())  # nothing written, not even a partial file

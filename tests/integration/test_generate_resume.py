@@ -10,6 +10,7 @@ real stack (a cleared rerun).
 from __future__ import annotations
 
 import json
+import re
 import time
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def _operator(prompt: str, **kwargs) -> ImageGenerateOperator:
     return ImageGenerateOperator(
-        task_id="generate", prompt=prompt, deferrable=False, poll_interval=0.1, **kwargs
+        task_id="generate", prompt=prompt, deferrable=False, **{"poll_interval": 0.1, **kwargs}
     )
 
 
@@ -311,3 +312,28 @@ def test_the_trigger_is_told_when_each_image_was_submitted(imagecb_simulator):
     remote_task_id = store[STATE_KEY]["slots"][0]["remote_task_id"]
     assert list(trigger.submitted_at) == [remote_task_id]
     assert before - 1 <= trigger.submitted_at[remote_task_id] <= time.time()
+
+
+@pytest.mark.timeout(60)  # polled only after its 600 s interval, the retry would hang here
+def test_a_retry_polls_a_task_it_reconnects_to_at_once_whatever_its_interval(imagecb_simulator):
+    remote_task_id = _submit("a kiln")
+    _wait_until(lambda: ImageCbHook().get_task(remote_task_id).is_terminal)
+    store = _stored("a kiln", remote_task_id)  # no submission time: no expected end to poll at
+    op = _operator("a kiln", poll_interval=600)
+    result = op.execute(_context(store, op))
+    assert (result["task_id"], result["outcome"]) == (remote_task_id, "success")
+    assert imagecb_simulator.stats()["submissions"] == {"a kiln": 1}
+
+
+def test_a_submission_sent_without_an_answer_ends_uncertain_and_says_why(imagecb_simulator):
+    imagecb_simulator.inject(endpoint="generate", drop=True)  # the connection closes unanswered
+    store = DictStateStore()
+    op = _operator("a pier", failure_mode="return")
+    result = op.execute(_context(store, op, try_number=1))
+    assert (result["outcome"], result["task_id"]) == ("submission_uncertain", None)
+    assert re.fullmatch(
+        r"Sent, but no answer came back \(\w+\) \(sent at [0-9T:.+-]+Z?\): the API may have accepted "
+        r"and charged it, so it is not resent automatically\. Check the account .*",
+        result["message"],
+    ), result["message"]
+    assert imagecb_simulator.stats()["submissions_total"] <= 1  # never sent a second time

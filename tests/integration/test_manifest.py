@@ -9,7 +9,10 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import fsspec
 import pytest
+from airflow.sdk import ObjectStoragePath
+from airflow.sdk.io import attach
 
 from imagecb_provider.batch.archive import JsonlLedger, _is_precondition_failure, storage_path
 
@@ -19,9 +22,10 @@ WRITERS = 16
 PER_WRITER = 5
 
 
-def _ledger(url: str, conn_id: str | None = None) -> JsonlLedger:
+def _ledger(url: str, conn_id: str | None = None, *, plain: bool = False) -> JsonlLedger:
+    folder = ObjectStoragePath(url) if plain else storage_path(url, conn_id)
     return JsonlLedger(
-        storage_path(url, conn_id) / "manifest.jsonl",
+        folder / "manifest.jsonl",
         key_fields=("remote_task_id", "source"),
         supersede_fields=("request_key", "source"),
     )
@@ -53,23 +57,40 @@ def _assert_every_line_once(ledger: JsonlLedger, added: list[int]) -> None:
     assert added == [PER_WRITER] * WRITERS
 
 
-def test_sixteen_writers_on_a_local_folder(tmp_path):
-    added = _write_concurrently(lambda: _ledger(str(tmp_path)))
-    _assert_every_line_once(_ledger(str(tmp_path)), added)
+# "plain": an ObjectStoragePath built from a bare path has no protocol, and is local disk too.
+@pytest.mark.parametrize("plain", [False, True], ids=["file-url", "plain-path"])
+def test_sixteen_writers_on_a_local_folder(tmp_path, plain):
+    added = _write_concurrently(lambda: _ledger(str(tmp_path), plain=plain))
+    _assert_every_line_once(_ledger(str(tmp_path), plain=plain), added)
 
 
-def test_sixteen_writers_on_s3(moto_s3):
+def test_sixteen_writers_on_s3(moto_s3, caplog):
     url = "s3://imagecb-archive/concurrency"
-    added = _write_concurrently(lambda: _ledger(url, "aws_moto"))
+    with caplog.at_level(logging.INFO, logger="imagecb_provider.batch.archive"):
+        added = _write_concurrently(lambda: _ledger(url, "aws_moto"))
     _assert_every_line_once(_ledger(url, "aws_moto"), added)
+    # The writers did collide, and each collision was read again rather than overwritten.
+    assert "The manifest changed while it was updated (attempt 1); reading it again" in caplog.messages
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.fixture
+def memory_store():
+    """fsspec's in-memory filesystem: an object store without conditional writes, as GCS or Azure."""
+    memory = fsspec.filesystem("memory")
+    attach("memory", fs=memory)
+    yield "memory://imagecb-archive/supersede"
+    if memory.exists("/imagecb-archive"):
+        memory.rm("/imagecb-archive", recursive=True)
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "memory"])
 def test_a_new_image_of_the_same_request_supersedes_the_old_line(tmp_path, where, request):
-    url = str(tmp_path) if where == "local" else "s3://imagecb-archive/supersede"
-    conn_id = None if where == "local" else "aws_moto"
+    url = {"local": str(tmp_path), "s3": "s3://imagecb-archive/supersede"}.get(where)
+    conn_id = "aws_moto" if where == "s3" else None
     if where == "s3":
         request.getfixturevalue("moto_s3")
+    if where == "memory":
+        url = request.getfixturevalue("memory_store")
     ledger = _ledger(url, conn_id)
     old = {"remote_task_id": "old", "source": "result", "request_key": "k1"}
     other = {"remote_task_id": "other", "source": "result", "request_key": "k2"}

@@ -79,9 +79,10 @@ def test_retire_moves_the_remote_task_to_earlier_and_clears_the_slot():
     slot.record = {"task_id": "r1"}
     slot.retire()
     assert slot.earlier == [{"remote_task_id": "r1", "outcome": "internal_error", "message": "boom"}]
-    assert (slot.remote_task_id, slot.outcome, slot.polls, slot.record, slot.via) == (
+    assert (slot.remote_task_id, slot.outcome, slot.message, slot.polls, slot.record, slot.via) == (
         None,
         None,
+        "",
         0,
         None,
         None,
@@ -96,6 +97,10 @@ def test_the_ledger_round_trips_through_the_store_and_ignores_other_versions():
     entry = LedgerEntry(slots=[Slot(key="k", remote_task_id="r1", earlier=[{"remote_task_id": "r0"}])])
     ledger.save(entry)
     assert ledger.load() == entry
+    # The try that delivered the outcome decides whether an automatic retry may pay again.
+    delivered = LedgerEntry(slots=entry.slots, finished=True, delivered_try=2)
+    ledger.save(delivered)
+    assert ledger.load() == delivered
     store[STATE_KEY] = {"remote_task_id": "r1", "finished": False}  # version 1 shape
     assert ledger.load() is None
     assert not SubmissionLedger({}).available

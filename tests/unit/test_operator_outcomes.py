@@ -242,6 +242,7 @@ def test_execute_complete_return_mode_gives_the_full_result(outcome, code, error
     assert result["task_id"] == "task-1"
     assert result["outcome"] == outcome.value
     assert result["code"] == code
+    assert result["message"] == ("" if code == 200 else "vendor message")
     assert result["prompt"] == "a cat"
     assert result["request"] == REQUEST
     assert result["submitted_at"] == "2026-01-01T00:00:00Z"
@@ -327,3 +328,23 @@ def test_the_result_says_an_ending_was_learned_from_a_callback():
     )
     result = op.execute_complete({"task_state_store": DictStore()}, event)
     assert (result["via"], result["polls"]) == ("callback", 0)
+
+
+def test_a_callback_url_outlives_the_wait_by_the_vendors_retry_window():
+    from types import SimpleNamespace
+
+    from imagecb_provider.callbacks.tokens import EXPIRY_STEP, VENDOR_RETRY_WINDOW, CallbackToken
+    from imagecb_provider.hooks.imagecb import ImageCbConnectionSettings
+
+    settings = ImageCbConnectionSettings(
+        conn_id="imagecb_default", base_url="http://sim", api_key="k", callback_base_url="https://af.example"
+    )
+    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="t", map_index=2)
+    op = ImageGenerateOperator(task_id="g", prompt="a cat", wait_mode="callback", timeout=3600)
+    before = time.time()
+    urls = _callback_urls(op, {"ti": ti}, settings, indexes=[0, 1])
+    claims = {i: CallbackToken.verify(url.rsplit("/", 1)[1], "k") for i, url in urls.items()}
+    assert {i: c.slot for i, c in claims.items()} == {0: 0, 1: 1}
+    # A late callback still wakes the task: the vendor retries after the wait has ended.
+    expiry = before + 3600 + VENDOR_RETRY_WINDOW  # rounded up to a step, so a task's URLs share a grant
+    assert all(expiry - 1 <= c.expires_at <= expiry + EXPIRY_STEP + 60 for c in claims.values())

@@ -8,10 +8,17 @@ import pytest
 
 from imagecb_provider.exceptions import (
     ImageCbPermanentApiError,
+    ImageCbProtocolError,
     ImageCbRateLimited,
     ImageCbServerError,
 )
-from imagecb_provider.hooks.protocol import RetryPolicy, error_for, parse_retry_after, without_query
+from imagecb_provider.hooks.protocol import (
+    RetryPolicy,
+    error_for,
+    parse_envelope,
+    parse_retry_after,
+    without_query,
+)
 
 
 @pytest.mark.parametrize(
@@ -132,3 +139,28 @@ def test_each_retry_is_logged_with_its_error_attempt_and_wait(caplog):
 )
 def test_retry_after_is_read_in_either_spelling_and_never_negative(headers, seconds):
     assert parse_retry_after(headers) == seconds
+
+
+def test_an_error_status_without_the_json_envelope_keeps_its_status_class_and_retry_after():
+    with pytest.raises(ImageCbServerError) as error:
+        parse_envelope(
+            502, b"<html>Bad Gateway</html>", {"Retry-After": "3"}, "/api/v1/flux/kontext/record-info"
+        )
+    assert (error.value.code, error.value.retry_after) == (502, 3.0)
+    assert error.value.msg == "HTTP 502 without the API's JSON envelope"
+
+
+def test_a_success_status_with_a_foreign_body_points_at_the_connection_host():
+    with pytest.raises(ImageCbProtocolError) as error:
+        parse_envelope(200, b"<html>Welcome to nginx</html>", None, "/api/v1/flux/kontext/generate")
+    assert str(error.value) == (
+        "imagecb API answered HTTP 200 on /api/v1/flux/kontext/generate with a body that is not its JSON "
+        "envelope; check the base URL (host) of the connection"
+    )
+
+
+def test_an_envelope_error_without_a_message_says_so():
+    with pytest.raises(ImageCbServerError) as error:
+        parse_envelope(200, b'{"code": 500}', None, "/endpoint")
+    assert error.value.msg == ""
+    assert str(error.value).startswith("imagecb API answered 500 on /endpoint: no message")

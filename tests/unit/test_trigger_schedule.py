@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from imagecb_provider.triggers.task import EXPECTED_END_MARGIN, LATE_POLLS, RenderTimes, _Wait
@@ -44,7 +46,7 @@ def test_an_expected_end_after_the_next_poll_changes_nothing_and_past_ones_poll_
 @pytest.mark.parametrize(("seen", "median"), [([], None), ([10.0], 10.0), ([10.0, 50.0, 12.0], 12.0)])
 def test_render_times_give_the_median_per_connection(seen, median):
     times = RenderTimes(keep=3)
-    for seconds in [*seen, -1.0]:  # a nonsense duration is ignored
+    for seconds in [*seen, -1.0, 0.0]:  # nonsense durations (clock skew, second-wide stamps) are ignored
         times.observe("c", seconds)
     assert times.estimate("c") == median
     assert times.estimate("other") is None
@@ -83,3 +85,16 @@ async def test_callbacks_end_signed_tasks_and_make_unsigned_ones_due_now():
     assert wait.due(now=0.0) == ["unsigned"]  # due at once, confirmed by one status call
     assert wait.woken == {"unsigned"}
     assert "ended" not in wait.records
+
+
+async def test_without_callbacks_the_wait_goes_back_to_polling_after_its_pause():
+    """No callback comes (lost, or never sent): the safety-net poll must still get its turn."""
+    from imagecb_provider.callbacks.watcher import CallbackInbox
+    from imagecb_provider.triggers.task import ImageTaskTrigger
+
+    trigger = ImageTaskTrigger(remote_task_ids=["a"], wait_mode="callback")
+    wait = _Wait(["a"], {}, default=1000.0, submitted={})
+    # A hang bound, not a timing: the pause is 0.01 s; waiting for a callback forever would hang.
+    await asyncio.wait_for(trigger._take_callbacks(CallbackInbox(["a"]), wait, pause=0.01), timeout=30)
+    assert wait.pending == {"a": 1000.0}
+    assert not wait.records
