@@ -6,6 +6,7 @@ import json
 import socket
 
 import pytest
+from moto_conditional_writes import make_conditional_puts_atomic
 
 
 def _free_port() -> int:
@@ -20,6 +21,7 @@ def moto_s3(monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
+    make_conditional_puts_atomic(monkeypatch)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -64,6 +64,7 @@ def test_sixteen_writers_on_a_local_folder(tmp_path, plain):
     _assert_every_line_once(_ledger(str(tmp_path), plain=plain), added)
 
 
+@pytest.mark.timeout(300)  # 80 compare-and-swap writes one after another: minutes on a loaded machine
 def test_sixteen_writers_on_s3(moto_s3, caplog):
     url = "s3://imagecb-archive/concurrency"
     with caplog.at_level(logging.INFO, logger="imagecb_provider.batch.archive"):
