@@ -668,3 +668,63 @@ def test_decision_resolves_relative_full_and_group_ids_and_follows_joins():
     with pytest.raises(AirflowFailException, match="has no 'outcome'"):
         route.decide({})
     assert dag.get_task("grp.route") is route
+
+
+def test_setting_a_dependency_twice_installs_one_guard():
+    with _dag("branch_twice"):
+        route = ImageOutcomeBranchOperator(task_id="route", result="success", branches={"success": "t"})
+        t = task(lambda: None, task_id="t")().operator
+        route >> t
+        route >> t
+    assert _has_guard(t, "route")
+    assert not _has_guard(t._pre_execute_hook.then, "route")  # not wrapped in a second guard
+
+
+def test_a_result_without_an_outcome_says_which_operators_give_one():
+    route = ImageOutcomeBranchOperator(task_id="route", result=None, branches={"success": "t"})
+    with pytest.raises(AirflowFailException) as error:
+        route.outcome_of({"task_id": "x", "code": 200})
+    assert str(error.value) == (
+        "The result has no 'outcome' (keys: ['code', 'task_id']); is it an image result from "
+        "ImageGenerateOperator or ImageTaskSensor?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("result", "lines"),
+    [
+        (
+            "success",
+            [
+                "Outcome 'success' -> chosen ['archive']; following ['archive'], "
+                "skipping ['quarantine'] (map index -1)"
+            ],
+        ),
+        (
+            None,
+            [
+                "No result (upstream skipped?): skipping all direct downstream tasks",
+                "Outcome None -> chosen []; following [], skipping ['archive', 'quarantine'] (map index -1)",
+            ],
+        ),
+    ],
+)
+def test_the_decision_is_logged_and_pushed(result, lines, capsys):
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import DownstreamTasksSkipped
+
+    with _dag("branch_log"):
+        route = ImageOutcomeBranchOperator(
+            task_id="route", result=result, branches={"success": "archive"}, default=[]
+        )
+        route >> [task(lambda: None, task_id=name)() for name in ("archive", "quarantine")]
+    pushed: dict = {}
+    ti = SimpleNamespace(map_index=-1, xcom_push=lambda key, value: pushed.update({key: value}))
+    with pytest.raises(DownstreamTasksSkipped):
+        route.execute({"ti": ti})
+    logged = capsys.readouterr().out.splitlines()
+    for line in lines:
+        assert any(line in entry for entry in logged), (line, logged)
+    assert len([entry for entry in logged if "No result" in entry]) == (result is None)
+    assert pushed[DECISION_XCOM_KEY]["outcome"] == result

@@ -58,10 +58,15 @@ def _assert_every_line_once(ledger: JsonlLedger, added: list[int]) -> None:
 
 
 # "plain": an ObjectStoragePath built from a bare path has no protocol, and is local disk too.
-@pytest.mark.parametrize("plain", [False, True], ids=["file-url", "plain-path"])
-def test_sixteen_writers_on_a_local_folder(tmp_path, plain):
-    added = _write_concurrently(lambda: _ledger(str(tmp_path), plain=plain))
-    _assert_every_line_once(_ledger(str(tmp_path), plain=plain), added)
+@pytest.mark.parametrize(
+    ("scheme", "plain"),
+    [("", False), ("", True), ("local://", False)],
+    ids=["file-url", "plain-path", "local-url"],
+)
+def test_sixteen_writers_on_a_local_folder(tmp_path, scheme, plain):
+    url = f"{scheme}{tmp_path}"
+    added = _write_concurrently(lambda: _ledger(url, plain=plain))
+    _assert_every_line_once(_ledger(url, plain=plain), added)
 
 
 @pytest.mark.timeout(300)  # 80 compare-and-swap writes one after another: minutes on a loaded machine
