@@ -625,6 +625,13 @@ def test_the_missing_guard_error_names_the_tasks_and_the_fix():
         "Cannot route per map index: direct downstream task(s) ['grp.a', 'grp.b'] of grp.route carry "
         "no outcome guard: was the dependency set without >>, <<, set_downstream or set_upstream?"
     )
+    outside = ImageOutcomeBranchOperator(task_id="alone", result=None, branches={"success": "ok"})
+    with pytest.raises(AirflowFailException) as error:
+        outside._check_guards(map_index=0)  # a map index without a mapped task group: .partial().expand()
+    assert str(error.value) == (
+        "alone is mapped with .partial().expand(); per-index routing needs a mapped task group instead: "
+        "put the branch and its branches in a @task_group and .expand() it"
+    )
 
 
 def test_decision_resolves_relative_full_and_group_ids_and_follows_joins():
@@ -721,6 +728,7 @@ def test_the_decision_is_logged_and_pushed(result, lines, capsys):
         route >> [task(lambda: None, task_id=name)() for name in ("archive", "quarantine")]
     pushed: dict = {}
     ti = SimpleNamespace(map_index=-1, xcom_push=lambda key, value: pushed.update({key: value}))
+    route._skip_known_downstream = False  # not mapped: the unchosen are skipped all the same
     with pytest.raises(DownstreamTasksSkipped):
         route.execute({"ti": ti})
     logged = capsys.readouterr().out.splitlines()

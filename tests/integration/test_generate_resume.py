@@ -67,7 +67,8 @@ def test_the_first_try_records_each_submission_before_and_after_it_goes_out(imag
     first = store.writes[0]["slots"][0]
     assert (first["sending"], first["remote_task_id"]) == (True, None)  # stored before the request left
     final = store[STATE_KEY]
-    assert final["finished"] is True
+    assert (final["finished"], final["delivered_try"]) == (True, 1)  # the retry rule reads the try
+    assert final["slots"][0]["sending"] is False  # answered: never counted as uncertain
     assert final["slots"][0]["remote_task_id"] == result["task_id"]
     assert final["slots"][0]["outcome"] == "success"
     assert imagecb_simulator.stats()["submissions"] == {"a pier": 1}
@@ -223,6 +224,7 @@ def test_submit_only_retry_returns_the_stored_id(imagecb_simulator):
     op = _operator("a bay", wait_for_completion=False)
     assert op.execute(_context(store, op)) == "task-from-try-1"
     assert imagecb_simulator.stats()["submissions_total"] == 0
+    assert store[STATE_KEY]["finished"] is True  # its work, the submission, is delivered
 
 
 def test_without_a_state_store_it_warns_once_and_carries_on(imagecb_simulator, capsys):

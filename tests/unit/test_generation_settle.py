@@ -74,3 +74,18 @@ def test_any_other_api_error_leaves_every_slot_to_reconnect_to():
     with pytest.raises(ImageCbServerError):
         _fail_on_error(entry, ledger, error_details(ImageCbServerError(500, "down", "/x"), "r1"))
     assert ledger.load().slots[0].remote_task_id == "r1"
+
+
+def test_only_a_retry_is_not_a_new_run():
+    from types import SimpleNamespace
+
+    from imagecb_provider.utils.generation import is_new_run
+
+    def context(try_number: int, max_tries: int) -> dict:
+        ti = SimpleNamespace(try_number=try_number, max_tries=max_tries)
+        return {"ti": ti, "task": SimpleNamespace(retries=2)}
+
+    assert is_new_run({})  # called outside a task instance: nothing to resume
+    assert is_new_run(context(1, 2))  # the first try
+    assert not is_new_run(context(2, 2))  # its retry
+    assert is_new_run(context(4, 5))  # the first try after a clear from the UI (max_tries moved on)

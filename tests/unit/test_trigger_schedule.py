@@ -43,7 +43,9 @@ def test_an_expected_end_after_the_next_poll_changes_nothing_and_past_ones_poll_
     assert "a" not in wait._late_polls  # later, when its poll is rescheduled, it may still be expected
 
 
-@pytest.mark.parametrize(("seen", "median"), [([], None), ([10.0], 10.0), ([10.0, 50.0, 12.0], 12.0)])
+@pytest.mark.parametrize(
+    ("seen", "median"), [([], None), ([10.0], 10.0), ([10.0, 50.0, 12.0], 12.0), ([0.5], 0.5)]
+)
 def test_render_times_give_the_median_per_connection(seen, median):
     times = RenderTimes(keep=3)
     for seconds in [*seen, -1.0, 0.0]:  # nonsense durations (clock skew, second-wide stamps) are ignored
