@@ -115,7 +115,7 @@ def test_jittered_intervals_stay_within_ten_percent():
 def test_trigger_needs_a_task_and_a_known_wait_mode():
     with pytest.raises(ValueError, match=r"^ImageTaskTrigger needs at least one remote task id$"):
         ImageTaskTrigger(remote_task_ids=[], deadline=0)
-    with pytest.raises(ValueError, match="wait_mode='push'"):
+    with pytest.raises(ValueError, match=r"^wait_mode='push': must be one of poll, callback$"):
         ImageTaskTrigger(remote_task_id="t", deadline=0, wait_mode="push")
 
 

@@ -164,3 +164,27 @@ def test_an_envelope_error_without_a_message_says_so():
         parse_envelope(200, b'{"code": 500}', None, "/endpoint")
     assert error.value.msg == ""
     assert str(error.value).startswith("imagecb API answered 500 on /endpoint: no message")
+
+
+def test_retry_after_as_an_http_date_counts_from_now_and_never_below_zero():
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    def header(seconds_from_now: float) -> dict:
+        when = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
+        return {"Retry-After": format_datetime(when, usegmt=True)}
+
+    assert 100.0 <= parse_retry_after(header(120)) <= 120.0  # whole seconds, read a moment later
+    assert parse_retry_after(header(-120)) == 0.0
+
+
+def test_an_error_envelope_with_a_code_that_is_not_a_number_falls_back_on_the_status():
+    with pytest.raises(ImageCbServerError) as error:
+        parse_envelope(502, b'{"code": "oops", "msg": "upstream down"}', None, "/endpoint")
+    assert (error.value.code, error.value.msg, error.value.endpoint) == (502, "upstream down", "/endpoint")
+
+
+def test_a_400_without_the_json_envelope_is_a_permanent_api_error_of_its_endpoint():
+    with pytest.raises(ImageCbPermanentApiError) as error:
+        parse_envelope(400, b"<html>Bad Request</html>", None, "/api/v1/flux/kontext/generate")
+    assert (error.value.code, error.value.endpoint) == (400, "/api/v1/flux/kontext/generate")
