@@ -684,7 +684,7 @@ def test_setting_a_dependency_twice_installs_one_guard():
         route >> t
         route >> t
     assert _has_guard(t, "route")
-    assert not _has_guard(t._pre_execute_hook.then, "route")  # not wrapped in a second guard
+    assert t._pre_execute_hook.then is None  # one guard, not a guard wrapping another
 
 
 def test_a_result_without_an_outcome_says_which_operators_give_one():
