@@ -294,6 +294,7 @@ def test_a_request_failing_every_time_is_resubmitted_exactly_once(imagecb_simula
     assert result["outcome"] == "internal_error"
     (earlier,) = result["earlier"]
     assert earlier["outcome"] == "internal_error"
+    assert earlier["message"] == result["message"] != ""  # the vendor's reason is kept for each try
     assert imagecb_simulator.stats()["submissions"] == {prompt: 2}
     assert store[STATE_KEY]["slots"][0]["resubmits"] == 1
     log = capsys.readouterr().out
