@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 
-from imagecb_provider.triggers.task import EXPECTED_END_MARGIN, LATE_POLLS, RenderTimes, _Wait
+from imagecb_provider.callbacks.client import CallbackItem
+from imagecb_provider.callbacks.watcher import CallbackInbox
+from imagecb_provider.triggers.task import (
+    EXPECTED_END_MARGIN,
+    LATE_POLLS,
+    ImageTaskTrigger,
+    RenderTimes,
+    _Wait,
+)
 
 
 def _wait(**submitted: float) -> _Wait:
@@ -63,11 +72,6 @@ def test_render_times_keep_only_the_latest():
 
 async def test_callbacks_end_signed_tasks_and_make_unsigned_ones_due_now():
     """A signed callback ends its task; an unsigned one only makes its task due for a status call."""
-    from datetime import UTC, datetime
-
-    from imagecb_provider.callbacks.client import CallbackItem
-    from imagecb_provider.callbacks.watcher import CallbackInbox
-    from imagecb_provider.triggers.task import ImageTaskTrigger
 
     def item(n: int, remote_task_id: str, signed: bool) -> CallbackItem:
         body = {"code": 200, "msg": "success", "data": {"taskId": remote_task_id, "info": {}}}
@@ -91,9 +95,6 @@ async def test_callbacks_end_signed_tasks_and_make_unsigned_ones_due_now():
 
 async def test_without_callbacks_the_wait_goes_back_to_polling_after_its_pause():
     """No callback comes (lost, or never sent): the safety-net poll must still get its turn."""
-    from imagecb_provider.callbacks.watcher import CallbackInbox
-    from imagecb_provider.triggers.task import ImageTaskTrigger
-
     trigger = ImageTaskTrigger(remote_task_ids=["a"], wait_mode="callback")
     wait = _Wait(["a"], {}, default=1000.0, submitted={})
     # A hang bound, not a timing: the pause is 0.01 s; waiting for a callback forever would hang.
