@@ -4,16 +4,21 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The fast tier leaves out what needs a real Airflow stack or a browser (the full tier's markers),
+# and runs on 4 workers: its tests mostly wait on HTTP and Airflow. The full tier's stacks run one
+# at a time.
+FAST   := -m "not stack and not browser" -n 4
+FULL   := -m "stack or browser"
 
-.PHONY: venv demo test lint mutation bench bench-triggerer bench-scale airflow simulator clean
+.PHONY: venv demo test test-all lint mutation bench bench-triggerer bench-scale airflow simulator wheel clean
 N ?= 200
 LATENCY ?= 60
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml dev/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps -e . -e dev
 	@touch $@
 
 venv: $(STAMP)
@@ -22,10 +27,20 @@ venv: $(STAMP)
 demo: $(STAMP)
 	@VENV=$(VENV) bash scripts/demo.sh
 
-## make test: the whole test suite (unit, integration, DAG runs, the real stack, the browser)
+## make test: the fast tier (unit, integration over real HTTP, dag.test() DAG runs, the receiver): minutes
 test: $(STAMP)
-	@bash scripts/test-deps.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@bash scripts/test-deps.sh fast
+	$(PY) -m pytest $(FAST) --durations=5 $(PYTEST_ARGS)
+
+## make test-all: everything: the fast tier, then the real stack (Local, Celery), the faults, the browser
+test-all: $(STAMP)
+	@bash scripts/test-deps.sh all
+	$(PY) -m pytest $(FAST) --durations=5 $(PYTEST_ARGS)
+	$(PY) -m pytest $(FULL) --durations=5 $(PYTEST_ARGS)
+
+## make wheel: build the provider's wheel into dist/
+wheel: $(STAMP)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
 
 ## make mutation: mutation testing (mutmut) of the modules where a silent bug costs money or data
 mutation: $(STAMP)
@@ -57,4 +72,4 @@ simulator: $(STAMP)
 	$(PY) -m imagecb_provider.testing.simulator --port 8089
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info plugins/*.egg-info mutants artifacts
+	rm -rf $(VENV) .demo .pytest_cache .ruff_cache *.egg-info plugins/*.egg-info dev/*.egg-info mutants artifacts dist build

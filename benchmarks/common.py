@@ -7,7 +7,6 @@ the figures of one batch run (wall time against the physical bound, submissions,
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,14 +15,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "plugins"))
+from imagecb_dev.stack import AirflowStack
+from imagecb_provider.testing.simulator import run_in_subprocess
 
-from imagecb_provider.testing.simulator import run_in_subprocess  # noqa: E402
-from imagecb_provider.testing.stack import AirflowStack  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DAG_ID = "imagecb_batch_generate"
 RESULTS = ROOT / "bench" / "results"
+#: Whole figures, timelines included (not committed).
+RAW_RESULTS = ROOT / "artifacts" / "bench"
 #: The vendor's documented account limit.
 RATE_PER_10S = 20
 
@@ -175,7 +175,25 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def save(name: str, figures: dict[str, Any]) -> Path:
+    """
+    Write the figures' summary to ``bench/results/<name>`` (committed) and the whole to ``artifacts/bench/``.
+
+    :param name: the file name, e.g. ``scale.json``.
+    :param figures: what the benchmark measured; its ``timeline`` entries (one row per task
+        instance) stay out of the committed summary.
+    """
+    RAW_RESULTS.mkdir(parents=True, exist_ok=True)
+    (RAW_RESULTS / name).write_text(json.dumps(figures, indent=2) + "\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    path.write_text(json.dumps(figures, indent=2) + "\n")
+    path.write_text(json.dumps(summary(figures), indent=2) + "\n")
     return path
+
+
+def summary(figures: Any) -> Any:
+    """Return the figures without their timelines, at any depth."""
+    if isinstance(figures, dict):
+        return {key: summary(value) for key, value in figures.items() if key != "timeline"}
+    if isinstance(figures, list):
+        return [summary(value) for value in figures]
+    return figures

@@ -20,8 +20,8 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks.common import DAG_ID, print_table, save, write_prompts
+from imagecb_dev.stack import AirflowStack
 from imagecb_provider.testing.simulator import run_in_subprocess
-from imagecb_provider.testing.stack import AirflowStack
 
 HMAC_KEY = "whk-bench-latency"
 

@@ -43,8 +43,12 @@ RUN_DAY = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }
 DAY_FOLDER = "{{ params.archive_root.rstrip('/') }}/" + RUN_DAY
 CONN_ID = "{{ params.imagecb_conn_id }}"
 BATCH_XCOM = "batch"
+#: The mapped generate task (group "image", task "generate"): the contact sheet links each prompt to it.
+GENERATE_TASK_ID = "image.generate"
+# [START howto_batch_asset]
 #: Every archive task announces its new images on this asset (see dags/imagecb_asset_consumer.py).
 BATCH_IMAGES = Asset("imagecb_batch_images")
+# [END howto_batch_asset]
 LABEL = "{{ task.group_label }}"
 
 
@@ -63,7 +67,12 @@ def _folder(url: str):
     catchup=False,
     max_active_runs=1,
     tags=["imagecb", "images", "batch"],
-    default_args={"owner": "imagecb", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    # IMAGECB_BATCH_RETRY_DELAY (seconds): test stacks and dag.test() runs shorten the wait.
+    default_args={
+        "owner": "imagecb",
+        "retries": 2,
+        "retry_delay": timedelta(seconds=float(os.environ.get("IMAGECB_BATCH_RETRY_DELAY") or 30)),
+    },
     params={
         "prompts_path": Param(
             DEMO_PROMPTS, type="string", description="CSV (prompt column) or JSONL of prompts"
@@ -154,6 +163,7 @@ def imagecb_batch_generate():
         )
         return [{"requests": g["requests"], "label": g["label"]} for g in groups]
 
+    # [START howto_batch_settle]
     @task(map_index_template="{{ imagecb_label }}")
     def settle(results: list[dict] | None, label: str, day_folder: str) -> dict:
         """Quarantine the prompts left without an image, with their reason; fail if there are any."""
@@ -178,8 +188,11 @@ def imagecb_batch_generate():
             )
         return {"label": label, "images": len(results or ()), "lost": 0}
 
+    # [END howto_batch_settle]
+    # [START howto_batch_group]
     @task_group(group_id="image")
     def image(requests: list[dict], label: str):
+        # [START howto_operator_batch_generate]
         generate = ImageBatchGenerateOperator(
             task_id="generate",
             requests=requests,
@@ -194,6 +207,8 @@ def imagecb_batch_generate():
             timeout="{{ params.timeout }}",
             imagecb_conn_id=CONN_ID,
         )
+        # [END howto_operator_batch_generate]
+        # [START howto_batch_archive]
         ImageArchiveOperator(
             task_id="archive",
             results=generate.output,
@@ -203,8 +218,10 @@ def imagecb_batch_generate():
             asset=BATCH_IMAGES,
             imagecb_conn_id=CONN_ID,
         )
+        # [END howto_batch_archive]
         settle(generate.output, label=label, day_folder=DAY_FOLDER)
 
+    # [END howto_batch_group]
     @task(trigger_rule="all_done")
     def report(day_folder: str, params: dict) -> dict:
         """Write summary.json and the contact sheet; fail the run if the batch lost prompts or never ran."""
@@ -221,10 +238,11 @@ def imagecb_batch_generate():
         write_report(
             folder=_folder(day_folder),
             batch=ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM),
-            generated=ti.xcom_pull(task_ids=["image.generate"]) or [],
+            generated=ti.xcom_pull(task_ids=[GENERATE_TASK_ID]) or [],
             archived=ti.xcom_pull(task_ids=["image.archive"]) or [],
             dag_id=dag_run.dag_id,
             run_id=dag_run.run_id,
+            generate_task_id=GENERATE_TASK_ID,
             prompts_path=params["prompts_path"],
             credits_after=ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
             ui_url=conf.get("api", "base_url", fallback=""),
@@ -232,7 +250,9 @@ def imagecb_batch_generate():
         )
         return paths
 
+    # [START howto_batch_wiring]
     image.expand_kwargs(read_prompts(day_folder=DAY_FOLDER)) >> report(day_folder=DAY_FOLDER)
+    # [END howto_batch_wiring]
 
 
 imagecb_batch_generate()

@@ -3,7 +3,7 @@
 # the API simulator, safe to click through (see docs/ui.md).
 #
 # With PostgreSQL on 127.0.0.1:5432 (the normal case) it runs the real-stack harness
-# (`python -m imagecb_provider.testing.stack up`, docs/stack.md): API server, scheduler, DAG
+# (`python -m imagecb_dev.stack up`, dev/README.md): API server, scheduler, DAG
 # processor and triggerer as separate processes on a fresh database of their own, dropped at
 # Ctrl-C; the images and reports stay in archive/. Without PostgreSQL, or with
 # IMAGECB_AIRFLOW_STANDALONE=1 (to keep the runs between sessions), it runs `airflow standalone` on
@@ -56,7 +56,7 @@ if [ -z "${IMAGECB_AIRFLOW_STANDALONE:-}" ] && postgres_answers; then
   # asset schedules make runs); every DAG starts paused, and the batch has no schedule by default.
   ARGS=(up --port "$API_PORT" --conn "imagecb_default=$CONN" --pool imagecb_submissions=1 --schedule)
   echo "== PostgreSQL answers on 127.0.0.1:5432: starting the real stack (a fresh database, dropped at Ctrl-C)"
-  "$PY" -m imagecb_provider.testing.stack "${ARGS[@]}"
+  "$PY" -m imagecb_dev.stack "${ARGS[@]}"
   exit $?
 fi
 

@@ -10,7 +10,7 @@
 #                                         survivors): an estimate in a fraction of a full run
 #
 # Survivors: `.venv/bin/mutmut results`, `.venv/bin/mutmut show <name>`; each one is killed by a
-# test or explained in docs/mutation.md.
+# test or explained in dev/mutation.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -55,9 +55,15 @@ sample() { mutmut results --all true 2>/dev/null | "$VENV/bin/python" scripts/mu
 started=$(date +%s)
 if [[ -n ${SAMPLE:-} ]]; then
     mapfile -t picked < <(sample "$SAMPLE")
-    printf '%s\n' "${picked[@]}" >>mutants/sampled.txt # their own table: an estimate without bias
-    echo "== testing ${#picked[@]} mutant(s) picked at random, and ${#earlier[@]} earlier survivor(s)"
-    mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${picked[@]}" "${earlier[@]}" || true
+    printf '%s\n' "${picked[@]}" >mutants/picked.txt
+    echo "== testing ${#picked[@]} mutant(s) picked at random"
+    mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${picked[@]}" || true
+    # Their first verdicts, frozen now: the sample's own table, an estimate without bias.
+    mutmut results --all true | "$VENV/bin/python" scripts/mutation_results.py freeze mutants/picked.txt mutants/sample-verdicts.txt
+    if ((${#earlier[@]})); then
+        echo "== testing again the ${#earlier[@]} mutant(s) that survived the previous run"
+        mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${earlier[@]}" || true
+    fi
 else
     mutmut run --max-children "${MUTMUT_CHILDREN:-2}" || true
     if ((${#earlier[@]})); then
@@ -69,4 +75,4 @@ echo "== mutmut run: $(($(date +%s) - started)) s"
 
 mutmut export-cicd-stats
 mutmut results --all true >mutants/results.txt
-"$VENV/bin/python" scripts/mutation_results.py table "$THRESHOLD" mutants/sampled.txt <mutants/results.txt
+"$VENV/bin/python" scripts/mutation_results.py table "$THRESHOLD" mutants/sample-verdicts.txt <mutants/results.txt

@@ -18,6 +18,8 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ.pop("AIRFLOW_CONN_IMAGECB_DEFAULT", None)
+# The batch DAG's retries wait 1 s here, not 30 s (dag.test() waits them out in real time).
+os.environ["IMAGECB_BATCH_RETRY_DELAY"] = "1"
 
 import pytest  # noqa: E402
 
@@ -40,3 +42,14 @@ def run_dag(airflow_db):
     from imagecb_provider.testing.airflow import run_dag_test
 
     return run_dag_test
+
+
+@pytest.fixture(autouse=True)
+def _fresh_render_times():
+    """Start every test with no render times learned, so poll schedules do not depend on test order."""
+    import sys
+
+    # Only once something imported the triggers: importing them here would load Airflow for all.
+    triggers = sys.modules.get("imagecb_provider.triggers.task")
+    if triggers is not None:
+        triggers.RENDER_TIMES.clear()

@@ -102,7 +102,7 @@ def test_empty_host_means_the_vendor_api_and_extras_are_read(monkeypatch):
 
 
 def test_connection_extras_never_become_request_headers(monkeypatch, imagecb_simulator):
-    """HttpHook would send every extra as a header: the HMAC key must not reach the API."""
+    """No connection extra becomes a header: the HMAC key must not reach the API."""
     monkeypatch.setenv(
         "AIRFLOW_CONN_IMAGECB_DEFAULT",
         json.dumps(
@@ -119,6 +119,34 @@ def test_connection_extras_never_become_request_headers(monkeypatch, imagecb_sim
     assert headers["Authorization"] == "Bearer test-key"
     assert not any(HMAC_KEY in value for value in headers.values())
     assert not {"webhook_hmac_key", "callback_base_url"} & {k.lower() for k in headers}
+
+
+@pytest.mark.parametrize(
+    ("hook_class", "own"),
+    [
+        (
+            ImageCbHook,
+            {
+                "submit",
+                "get_task",
+                "get_credits",
+                "get_download_url",
+                "fetch_file",
+                "settings",
+                "test_connection",
+            },
+        ),
+        (ImageCbAsyncHook, {"get_task", "settings"}),
+    ],
+)
+def test_hooks_expose_only_their_own_paths(hook_class, own):
+    """No inherited public method (``HttpHook.run()``, ``HttpAsyncHook.config()``) sends an extra anywhere."""
+    from airflow.sdk import BaseHook
+
+    inherited = {name for name in dir(BaseHook) if not name.startswith("_")}
+    public = {name for name in dir(hook_class) if not name.startswith("_")}
+    assert public - inherited == own | {"conn_name_attr", "conn_type", "default_conn_name", "hook_name"}
+    assert not {"run", "run_and_check", "run_with_advanced_retry", "config", "url_from_endpoint"} & public
 
 
 def test_missing_api_key_fails_before_any_request(monkeypatch, imagecb_simulator):

@@ -72,7 +72,9 @@ def stack_options(simulator: Any, executor: str) -> dict[str, Any]:
     Return the options of the stack the batch tests share, its connections pointing at ``simulator``.
 
     ``orphaned_tasks_check_interval`` is lowered from 300 s: a LocalExecutor scheduler killed with
-    SIGKILL leaves its running tasks ``running`` until a scheduler checks for orphans.
+    SIGKILL leaves its running tasks ``running`` until a scheduler checks for orphans. The batch
+    DAG's retries wait 5 s instead of 30 s: long enough for a case to act between a failed try
+    and its retry.
     """
     conn = json.loads(simulator.connection_json())
     return {
@@ -82,7 +84,7 @@ def stack_options(simulator: Any, executor: str) -> dict[str, Any]:
             CONN_ID: {**conn, "extra": {"submissions_per_10s": SUBMISSIONS_PER_10S}},
             PACED_CONN_ID: {**conn, "extra": {"submissions_per_10s": 1}},
         },
-        "env": {"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10"},
+        "env": {"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10", "IMAGECB_BATCH_RETRY_DELAY": "5"},
     }
 
 

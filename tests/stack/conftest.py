@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from imagecb_dev.stack import AirflowStack
     from imagecb_provider.testing.simulator import RunningSimulator
-    from imagecb_provider.testing.stack import AirflowStack
 
 DAGS = Path(__file__).resolve().parent / "dags"
 DAG_IDS = ("stack_deferred", "stack_mapped", "stack_sleep")
@@ -24,13 +24,6 @@ DAG_IDS = ("stack_deferred", "stack_mapped", "stack_sleep")
 PARALLELISM = 4
 _WALL_TIMES: list[tuple[str, float, str]] = []
 _STACKS: dict[int, AirflowStack] = {}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "stack: runs a real Airflow stack (separate processes on the local PostgreSQL; Redis for Celery)",
-    )
 
 
 @pytest.fixture(autouse=True)

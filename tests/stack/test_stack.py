@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from imagecb_provider.testing.stack import (
+from imagecb_dev.stack import (
     AirflowStack,
     Postgres,
     Redis,
@@ -29,7 +29,7 @@ from imagecb_provider.testing.stack import (
     StackError,
     StackUnavailable,
 )
-from imagecb_provider.testing.stack.environment import free_port
+from imagecb_dev.stack.environment import free_port
 
 pytestmark = pytest.mark.stack
 
@@ -238,7 +238,7 @@ def test_absent_redis_fails_a_celery_stack_with_how_to_start_it() -> None:
 
 def test_cli_up_prints_login_and_cleans_up_on_ctrl_c(airflow_stacks: SharedStacks) -> None:
     airflow_stacks.stop_all()  # this test starts its own stack: give it the machine
-    command = [sys.executable, "-m", "imagecb_provider.testing.stack", "up", "--parallelism", "2", "--json"]
+    command = [sys.executable, "-m", "imagecb_dev.stack", "up", "--parallelism", "2", "--json"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env

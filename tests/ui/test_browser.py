@@ -36,7 +36,7 @@ from urllib.parse import quote
 
 import pytest
 
-pytestmark = [pytest.mark.airflow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.airflow, pytest.mark.browser, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -101,7 +101,7 @@ def simulator() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def stack(airflow_stacks: Any, simulator: Any) -> Any:
     """The real stack (API server, scheduler, DAG processor, triggerer; PostgreSQL) on the simulator."""
-    from imagecb_provider.testing.stack import StackUnavailable
+    from imagecb_dev.stack import StackUnavailable
 
     try:
         return airflow_stacks.get(

@@ -122,5 +122,5 @@ def test_the_plugin_declares_the_app_the_tab_and_the_links(api, token_for):
     assert (docs["name"], docs["destination"], docs["href"]) == ("imagecb docs", "nav", "/imagecb/docs")
     page = api.get(docs["href"])
     assert page.status_code == 200
-    assert "Scale" in page.text
+    assert "make demo" in page.text
     assert len(plugin["global_operator_extra_links"]) == 3

@@ -141,14 +141,8 @@ def test_the_callback_receiver_is_mounted_in_the_same_app(api):
 
 
 def test_the_provider_serves_its_own_documentation(api):
-    """The Providers page's link (and the nav entry) lead to the README, rendered."""
-    import importlib.metadata
-
+    """The nav entry leads to the README, rendered."""
     answer = api.get("/imagecb/docs")
     assert answer.status_code == 200
     assert "<h1>imagecb" in answer.text
     assert "make demo" in answer.text
-    urls = importlib.metadata.metadata("airflow-provider-imagecb").get_all("Project-URL")
-    assert any(
-        u.split(",", 1)[1].strip().endswith("/imagecb/docs") for u in urls if u.startswith("Documentation")
-    )

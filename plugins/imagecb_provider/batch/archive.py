@@ -336,3 +336,34 @@ def _retry_on_conflict(write: Callable[[], int]) -> int:
 def _is_precondition_failure(error: Exception) -> bool:
     text = str(error)
     return isinstance(error, _WriteConflict) or "pre-condition" in text or "PreconditionFailed" in text
+
+
+#: What each new file's entry in an asset event's extra holds.
+_EVENT_FILE_FIELDS = ("path", "sha256", "bytes", "content_type", "source", "remote_task_id")
+
+
+@dataclass
+class ArchiveRun:
+    """
+    What one run of the archive operator did, for its asset event and its lineage.
+
+    :param destination: the rendered destination folder.
+    :param manifest: the manifest's path.
+    :param results: every result the task was given (``None`` ones left out), successes or not.
+    :param files: every file of the successful results, kept now or by an earlier run.
+    :param new_files: the files this run added to the destination.
+    """
+
+    destination: str
+    manifest: str
+    results: list[dict[str, Any]]
+    files: list[ArchivedFile]
+    new_files: list[ArchivedFile]
+
+    def event_extra(self) -> dict[str, Any]:
+        """The extra of the asset event: the destination, the manifest, and each new file."""
+        return {
+            "destination": self.destination,
+            "manifest": self.manifest,
+            "files": [{name: getattr(f, name) for name in _EVENT_FILE_FIELDS} for f in self.new_files],
+        }

@@ -28,7 +28,6 @@ from imagecb_provider.models import Outcome, parse_timestamp, request_key, to_is
 NOT_RUN = "not_run"
 #: The outcome of a prompt whose image succeeded but could not be kept (its archive task failed).
 NOT_ARCHIVED = "not_archived"
-GENERATE_TASK = "image.generate"
 
 
 def run_folder_name(run_id: str) -> str:
@@ -113,6 +112,7 @@ def build_summary(
     manifest: list[dict[str, Any]],
     dag_id: str,
     run_id: str,
+    generate_task_id: str,
     prompts_path: str,
     credits_after: float | None,
     previous: Mapping[str, Any] | None,
@@ -124,6 +124,7 @@ def build_summary(
     ``generated`` are the generate tasks' XComs (a list of results per group); the files of each
     prompt are its current manifest lines, so the counts always equal the manifest.
     ``previous`` is this run's earlier summary, when the report runs again after a rerun.
+    ``generate_task_id`` is the mapped task whose instances the sheet links to, one per group.
     """
     results = _by_key(_flatten(generated))
     files: dict[str, list[dict]] = {}
@@ -142,6 +143,7 @@ def build_summary(
     return {
         "dag_id": dag_id,
         "run_id": run_id,
+        "generate_task_id": generate_task_id,
         "prompts_path": prompts_path,
         "counts": {o.value: counts.get(o.value, 0) for o in Outcome} | _extra_counts(counts),
         "prompts": len(images) + len(batch["rejected"]),
@@ -224,6 +226,7 @@ def write_report(
     archived: Iterable[Any],
     dag_id: str,
     run_id: str,
+    generate_task_id: str,
     prompts_path: str,
     credits_after: float | None,
     ui_url: str,
@@ -239,6 +242,7 @@ def write_report(
     :param batch: the ``batch`` XCom of ``read_prompts``; ``None`` when it did not run.
     :param generated: the generate tasks' XComs; ``archived`` the archive tasks' (unused but for
         reading: the files are taken from the manifest).
+    :param generate_task_id: the mapped generate task (one instance per group) the sheet links to.
     """
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -259,6 +263,7 @@ def write_report(
         manifest=manifest,
         dag_id=dag_id,
         run_id=run_id,
+        generate_task_id=generate_task_id,
         prompts_path=prompts_path,
         credits_after=credits_after,
         previous=previous if previous and previous.get("durations") else None,
@@ -327,8 +332,9 @@ def _card(image: Mapping[str, Any], summary: Mapping[str, Any], ui_url: str) -> 
         notes.append(f"{image['seconds']:g} s")
     reason = f'<div class="reason">{html.escape(str(image["reason"]))}</div>' if image.get("reason") else ""
     link = ""
-    if image.get("group") is not None:
-        url = task_instance_url(ui_url, summary["dag_id"], summary["run_id"], GENERATE_TASK, image["group"])
+    if image.get("group") is not None and summary.get("generate_task_id"):
+        task_id = summary["generate_task_id"]
+        url = task_instance_url(ui_url, summary["dag_id"], summary["run_id"], task_id, image["group"])
         label = html.escape(image["label"] or "")
         link = f'<a class="ti" href="{html.escape(url)}" target="_top">{label}</a>'
     lost = " lost" if image["outcome"] != Outcome.SUCCESS else ""

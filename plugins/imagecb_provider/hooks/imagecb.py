@@ -20,10 +20,11 @@ from typing import Any
 
 import aiohttp
 import requests
-from airflow.providers.http.hooks.http import HttpAsyncHook, HttpHook
+from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 from asgiref.sync import sync_to_async
 from requests import PreparedRequest, Session
+from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError
 
@@ -171,12 +172,14 @@ def _never_reached_server(error: requests.RequestException) -> bool:
     return isinstance(reason, ConnectTimeoutError)  # NewConnectionError (refused, DNS) derives from it
 
 
-class ImageCbHook(HttpHook):
+class ImageCbHook(BaseHook):
     """
     Talk to the image API from a worker.
 
     Calls are stateless: each builds its own request, with the key added by :class:`BearerAuth`
-    and a session per thread, so one hook may serve a pool of download threads.
+    and a session per thread, so one hook may serve a pool of download threads. Its public
+    methods are its own paths only: based on ``BaseHook`` rather than ``HttpHook``, it has no
+    generic ``run()`` that could send a connection extra (the HMAC key) anywhere.
 
     :param imagecb_conn_id: the ``imagecb`` connection: host = base URL (empty means
         ``https://api.kie.ai``), password = API key, extras ``timeout`` (seconds per request),
@@ -189,12 +192,11 @@ class ImageCbHook(HttpHook):
     default_conn_name = DEFAULT_CONN_ID
     conn_type = CONN_TYPE
     hook_name = "Kie.ai Flux Kontext images"
-    default_host = DEFAULT_BASE_URL
 
     def __init__(
         self, imagecb_conn_id: str = DEFAULT_CONN_ID, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
     ) -> None:
-        super().__init__(method="GET", http_conn_id=imagecb_conn_id)
+        super().__init__()
         self.imagecb_conn_id = imagecb_conn_id
         self.retry_policy = retry_policy
         self._sessions = threading.local()
@@ -203,22 +205,15 @@ class ImageCbHook(HttpHook):
     def settings(self) -> ImageCbConnectionSettings:
         return ImageCbConnectionSettings.from_connection(self.get_connection(self.imagecb_conn_id))
 
-    def get_conn(
-        self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
-    ) -> Session:
-        """
-        A session with the bearer key and nothing else from the connection.
-
-        ``HttpHook`` copies every connection extra into the request headers, which would send
-        the webhook HMAC key to the API; this hook sets its headers itself instead.
-        """
+    def get_conn(self) -> Session:
+        """Return a session with the bearer key and no other value from the connection."""
         settings = self.settings
         session = Session()
         session.headers.update(settings.headers())
-        session.headers.update(headers or {})
         session.auth = BearerAuth(settings.api_key)
-        session.mount("http://", self.keep_alive_adapter)
-        session.mount("https://", self.keep_alive_adapter)
+        adapter = HTTPAdapter(pool_maxsize=32)  # one hook serves a pool of download threads
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         return session
 
     def _session(self) -> Session:
@@ -380,7 +375,7 @@ class _SharedSessions:
 SHARED_SESSIONS = _SharedSessions()
 
 
-class ImageCbAsyncHook(HttpAsyncHook):
+class ImageCbAsyncHook(BaseHook):
     """
     The async twin of :class:`ImageCbHook` for triggers: same connection, answers and retries.
 
@@ -397,8 +392,7 @@ class ImageCbAsyncHook(HttpAsyncHook):
     def __init__(
         self, imagecb_conn_id: str = DEFAULT_CONN_ID, retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
     ) -> None:
-        # retry_limit=1: the base class's own retry ignores 429 and Retry-After; ours is used instead.
-        super().__init__(method="GET", http_conn_id=imagecb_conn_id, retry_limit=1)
+        super().__init__()
         self.imagecb_conn_id = imagecb_conn_id
         self.retry_policy = retry_policy
         self._settings: ImageCbConnectionSettings | None = None

@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from airflow.sdk import Asset, BaseOperator
 
-from imagecb_provider.batch.archive import MANIFEST_NAME, ArchivedFile, ArchiveStore, storage_path
+from imagecb_provider.batch.archive import MANIFEST_NAME, ArchivedFile, ArchiveRun, ArchiveStore, storage_path
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.models import Outcome, request_key
 
@@ -32,35 +31,6 @@ if TYPE_CHECKING:
 
 DEFAULT_DESTINATION = "file:///tmp/imagecb-archive"
 _TEMPLATE_MARKERS = ("{{", "{%")
-#: What each new file's entry in an asset event's extra holds.
-_EVENT_FILE_FIELDS = ("path", "sha256", "bytes", "content_type", "source", "remote_task_id")
-
-
-@dataclass
-class ArchiveRun:
-    """
-    What one run of the archive operator did, for its asset event and its lineage.
-
-    :param destination: the rendered destination folder.
-    :param manifest: the manifest's path.
-    :param results: every result the task was given (``None`` ones left out), successes or not.
-    :param files: every file of the successful results, kept now or by an earlier run.
-    :param new_files: the files this run added to the destination.
-    """
-
-    destination: str
-    manifest: str
-    results: list[dict[str, Any]]
-    files: list[ArchivedFile]
-    new_files: list[ArchivedFile]
-
-    def event_extra(self) -> dict[str, Any]:
-        """The extra of the asset event: the destination, the manifest, and each new file."""
-        return {
-            "destination": self.destination,
-            "manifest": self.manifest,
-            "files": [{name: getattr(f, name) for name in _EVENT_FILE_FIELDS} for f in self.new_files],
-        }
 
 
 def archive_asset(destination: str, asset: Asset | str | Literal[False] | None = None) -> Asset | None:
@@ -229,7 +199,9 @@ class ImageArchiveOperator(BaseOperator):
         """Describe this run for OpenLineage: the requests read, the destination written, the files."""
         from imagecb_provider.utils.openlineage import archive_lineage
 
-        return archive_lineage(self)
+        return archive_lineage(
+            conn_id=self.imagecb_conn_id, destination=str(self.destination), run=self.last_run
+        )
 
     def _jobs(self, result: dict[str, Any]) -> list[dict[str, Any]]:
         common = {

@@ -81,7 +81,12 @@ class _GenerateBase(GenerationMixin, ImageTaskWaitMixin, BaseOperator):
         """Describe this run for OpenLineage: the requests (and inlets) read, the remote tasks made."""
         from imagecb_provider.utils.openlineage import generation_lineage
 
-        return generation_lineage(self, task_instance)
+        return generation_lineage(
+            conn_id=self.imagecb_conn_id,
+            inlets=self.inlets,
+            requests=self.generation_requests,
+            task_instance=task_instance,
+        )
 
 
 class ImageGenerateOperator(_GenerateBase):

@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from airflow.providers.common.compat.openlineage.facet import (
@@ -37,13 +37,10 @@ from airflow.providers.openlineage.extractors import OperatorLineage
 from airflow.sdk import Asset
 from attrs import define, field
 
+from imagecb_provider.batch.archive import ArchiveRun
 from imagecb_provider.exceptions import InvalidGenerationRequest
-from imagecb_provider.models import request_key
+from imagecb_provider.models import GenerationRequest, request_key
 from imagecb_provider.utils.ledger import LedgerEntry, SubmissionLedger
-
-if TYPE_CHECKING:
-    from imagecb_provider.operators.archive import ArchiveRun, ImageArchiveOperator
-    from imagecb_provider.operators.generate import _GenerateBase
 
 log = logging.getLogger(__name__)
 
@@ -119,37 +116,43 @@ def inlet_datasets(inlets: Iterable[Any]) -> list[InputDataset]:
 
 
 # --------------------------------------------------------------------------- generate tasks
-def generation_lineage(operator: _GenerateBase, task_instance: Any) -> OperatorLineage:
+def generation_lineage(
+    *,
+    conn_id: str,
+    inlets: Iterable[Any],
+    requests: Callable[[], Iterable[GenerationRequest]],
+    task_instance: Any,
+) -> OperatorLineage:
     """
-    The lineage of a generate task: its inlets and requests in, its remote tasks as the run facet.
+    Describe a generate task: its inlets and requests in, its remote tasks as the run facet.
 
     The remote tasks and outcomes come from the task's submission ledger, so a failed task (an
     outcome raised as an error) is described as fully as a successful one.
 
-    :param operator: the generate operator, rendered, after its run.
+    :param conn_id: the task's ``imagecb`` connection.
+    :param inlets: the task's inlets.
+    :param requests: gives the task's rendered requests (it raises when one is invalid).
     :param task_instance: the task instance the OpenLineage listener passes.
     """
-    payloads = _payloads(operator)
+    conn_id = conn_id
+    payloads = _payloads(requests)
     keys = {request_key(payload) for payload in payloads}
     entry = _ledger_entry(task_instance)
     tasks = [_slot_task(slot) for slot in (entry.slots if entry else []) if slot.key in keys]
     facet = ImagecbRunFacet(
         operation="generate",
-        connId=operator.imagecb_conn_id,
+        connId=conn_id,
         tasks=tasks,
         outcomes=dict(Counter(task["outcome"] for task in tasks)),
     )
-    inputs = [
-        *inlet_datasets(operator.inlets),
-        *(request_dataset(operator.imagecb_conn_id, p) for p in payloads),
-    ]
+    inputs = [*inlet_datasets(inlets), *(request_dataset(conn_id, p) for p in payloads)]
     return OperatorLineage(inputs=inputs, run_facets={RUN_FACET_KEY: facet})
 
 
-def _payloads(operator: _GenerateBase) -> list[dict[str, Any]]:
+def _payloads(requests: Callable[[], Iterable[GenerationRequest]]) -> list[dict[str, Any]]:
     """The requests' payloads as the ledger fingerprints them; none when a request is invalid."""
     try:
-        return [r.to_payload(include_callback=False) for r in operator.generation_requests()]
+        return [r.to_payload(include_callback=False) for r in requests()]
     except InvalidGenerationRequest:
         return []
 
@@ -199,17 +202,18 @@ def _slot_task(slot: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- archive tasks
-def archive_lineage(operator: ImageArchiveOperator) -> OperatorLineage:
+def archive_lineage(*, conn_id: str, destination: str, run: ArchiveRun | None) -> OperatorLineage:
     """
-    The lineage of an archive task: the archived requests in, the destination folder out.
+    Describe an archive task: the archived requests in, the destination folder out.
 
-    :param operator: the archive operator, rendered, after its run (``last_run`` is ``None``
-        when it failed before archiving: then only the destination is described).
+    :param conn_id: the task's ``imagecb`` connection.
+    :param destination: the rendered destination folder.
+    :param run: what the run did; ``None`` when it failed before archiving (then only the
+        destination is described).
     """
-    run = operator.last_run
     if run is None:
-        output = location_dataset(str(operator.destination), OutputDataset)
-        facet = ImagecbRunFacet(operation="archive", connId=operator.imagecb_conn_id)
+        output = location_dataset(destination, OutputDataset)
+        facet = ImagecbRunFacet(operation="archive", connId=conn_id)
         return OperatorLineage(outputs=[output], run_facets={RUN_FACET_KEY: facet})
     statistics = OutputStatisticsOutputDatasetFacet(
         fileCount=len(run.new_files), size=sum(f.bytes for f in run.new_files)
@@ -218,14 +222,14 @@ def archive_lineage(operator: ImageArchiveOperator) -> OperatorLineage:
     tasks = [_archived_task(result, run) for result in run.results]
     facet = ImagecbRunFacet(
         operation="archive",
-        connId=operator.imagecb_conn_id,
+        connId=conn_id,
         tasks=tasks,
         outcomes=dict(Counter(task["outcome"] for task in tasks)),
         destination=run.destination,
         manifest=run.manifest,
     )
     archived = [r for r in run.results if r.get("outcome") == "success" and r.get("request")]
-    inputs = [request_dataset(operator.imagecb_conn_id, r["request"]) for r in archived]
+    inputs = [request_dataset(conn_id, r["request"]) for r in archived]
     return OperatorLineage(inputs=inputs, outputs=[output], run_facets={RUN_FACET_KEY: facet})
 
 

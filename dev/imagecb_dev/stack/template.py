@@ -7,13 +7,14 @@ our side. The template is named after a fingerprint of what decides the schema (
 :func:`fingerprint`: ``imagecb_stacktpl_<hash>``), built once under an advisory lock, and
 closed to connections (PostgreSQL refuses to copy a database someone is connected to). It stays
 between runs, as a cache; templates of other fingerprints are dropped 10 minutes after they
-were built, and ``python -m imagecb_provider.testing.stack cleanup --templates`` drops all.
+were built, and ``python -m imagecb_dev.stack cleanup --templates`` drops all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,13 +23,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from imagecb_provider.testing.stack.errors import StackError
-from imagecb_provider.testing.stack.processes import tail_file
-from imagecb_provider.testing.stack.services import Postgres
+from imagecb_dev.stack.errors import StackError
+from imagecb_dev.stack.processes import tail_file
+from imagecb_dev.stack.services import Postgres
 
 TEMPLATE_PREFIX = "imagecb_stacktpl_"
 _LOCK_KEY = 0x1A6E_CB57  # pg_advisory_lock key of template builds
-_PROVIDER = Path(__file__).resolve().parents[2]
+# The provider package whose tables decide the schema (found without importing it).
+_PROVIDER = Path(importlib.util.find_spec("imagecb_provider").origin).parent
 #: Templates of other fingerprints built this long ago are dropped when a new one is built.
 STALE_TEMPLATE_SECONDS = 600
 
@@ -62,7 +64,7 @@ def fingerprint(extra_env: Mapping[str, str] | None = None) -> str:
 def _schema_files() -> list[Path]:
     files = {_PROVIDER / "get_provider_info.py"}
     for migrations in _PROVIDER.rglob("migrations"):
-        if migrations.is_dir() and "testing" not in migrations.relative_to(_PROVIDER).parts:
+        if migrations.is_dir():
             files |= set(migrations.rglob("*.py")) | set(migrations.parent.glob("*.py"))
     return sorted(path for path in files if path.is_file() and "__pycache__" not in path.parts)
 
@@ -165,7 +167,7 @@ def _migrate(postgres: Postgres, database: str, migrate_env: Mapping[str, str], 
             "AIRFLOW_HOME": home,
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres.sqlalchemy_url(database),
         }
-        argv = [sys.executable, "-m", "imagecb_provider.testing.stack._bootstrap", str(spec)]
+        argv = [sys.executable, "-m", "imagecb_dev.stack._bootstrap", str(spec)]
         with log.open("wb") as out:
             try:
                 result = subprocess.run(

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from imagecb_provider.testing.stack.core import AirflowStack
+from imagecb_dev.stack.core import AirflowStack
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import httpx
 
-from imagecb_provider.testing.stack.errors import RunTimeout, StackAPIError
+from imagecb_dev.stack.errors import RunTimeout, StackAPIError
 
 API_PREFIX = "/api/v2/"
 #: DAG-run states after which nothing more happens.

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Self
 
 import psutil
 
-from imagecb_provider.testing.stack.processes import live_tree
+from imagecb_dev.stack.processes import live_tree
 
 if TYPE_CHECKING:
-    from imagecb_provider.testing.stack.client import AirflowClient
+    from imagecb_dev.stack.client import AirflowClient
 
 MB = 1024 * 1024
 

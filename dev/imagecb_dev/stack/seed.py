@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from imagecb_provider.testing.stack.services import Postgres
+from imagecb_dev.stack.services import Postgres
 
 #: Fields of a connection's JSON form that are columns of the ``connection`` table.
 CONNECTION_COLUMNS = ("conn_type", "description", "host", "schema", "login", "password", "port")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from imagecb_provider.testing.stack.errors import StackError, StackUnavailable
+from imagecb_dev.stack.errors import StackError, StackUnavailable
 
 if TYPE_CHECKING:
     import redis

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from imagecb_provider.testing.stack.client import AirflowClient
-from imagecb_provider.testing.stack.errors import StackError
-from imagecb_provider.testing.stack.processes import ManagedProcess, kill_tree, tail_file
-from imagecb_provider.testing.stack.sampler import SlotSampler, TreeSampler
+from imagecb_dev.stack.client import AirflowClient
+from imagecb_dev.stack.errors import StackError
+from imagecb_dev.stack.processes import ManagedProcess, kill_tree, tail_file
+from imagecb_dev.stack.sampler import SlotSampler, TreeSampler
 
 log = logging.getLogger(__name__)
 

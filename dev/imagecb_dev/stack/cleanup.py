@@ -6,7 +6,7 @@ processes get SIGTERM when the process that started them dies (``setpriv --pdeat
 SIGKILLed owner can still leave a database, a work dir or a stubborn process behind: each
 running stack is recorded in ``$TMPDIR/imagecb-stacks/<database>.json`` (owner, pids, paths),
 every stack start sweeps the records of ended owners, and
-``python -m imagecb_provider.testing.stack cleanup`` does it on demand. Stack processes also
+``python -m imagecb_dev.stack cleanup`` does it on demand. Stack processes also
 carry ``IMAGECB_STACK_OWNER`` in their environment (unreadable in ``/proc`` once a process
 retitles itself, as the API server does: hence the records).
 """
@@ -24,8 +24,8 @@ from typing import Any
 
 import psutil
 
-from imagecb_provider.testing.stack.processes import kill_tree
-from imagecb_provider.testing.stack.services import Postgres, Redis, owner_is_gone
+from imagecb_dev.stack.processes import kill_tree
+from imagecb_dev.stack.services import Postgres, Redis, owner_is_gone
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """
-``python -m imagecb_provider.testing.stack``: start a real Airflow stack from a shell, or clean up.
+``python -m imagecb_dev.stack``: start a real Airflow stack from a shell, or clean up.
 
 ``up`` starts one (separate API server, scheduler, DAG processor, triggerer; a Celery worker
 with ``--executor CeleryExecutor``), prints its URL, user and password, and runs until Ctrl-C
@@ -17,11 +17,11 @@ import time
 from collections.abc import Sequence
 from types import FrameType
 
-from imagecb_provider.testing.stack.cleanup import sweep
-from imagecb_provider.testing.stack.core import EXECUTORS, AirflowStack
-from imagecb_provider.testing.stack.errors import StackError, StackUnavailable
-from imagecb_provider.testing.stack.services import Postgres, Redis
-from imagecb_provider.testing.stack.template import drop_templates
+from imagecb_dev.stack.cleanup import sweep
+from imagecb_dev.stack.core import EXECUTORS, AirflowStack
+from imagecb_dev.stack.errors import StackError, StackUnavailable
+from imagecb_dev.stack.services import Postgres, Redis
+from imagecb_dev.stack.template import drop_templates
 
 
 def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
@@ -36,8 +36,8 @@ def _pairs(values: Sequence[str], flag: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m imagecb_provider.testing.stack",
-        description="Run a real Airflow stack on the local PostgreSQL (see docs/stack.md).",
+        prog="python -m imagecb_dev.stack",
+        description="Run a real Airflow stack on the local PostgreSQL (see dev/README.md).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start a stack and keep it running until Ctrl-C")

@@ -1,7 +1,7 @@
 """
 Prepare a stack's database in one process: migrate it, then create pools, connections, variables.
 
-Run as ``python -m imagecb_provider.testing.stack._bootstrap SPEC.json`` with the stack's
+Run as ``python -m imagecb_dev.stack._bootstrap SPEC.json`` with the stack's
 environment. It calls what ``airflow db migrate`` calls (``airflow.utils.db.upgradedb``, which
 builds a new database from the ORM models), so Airflow is imported once, not once per CLI call.
 The spec is ``{"migrate": bool, "pools": {name: {"slots", "include_deferred", "description"}},

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 import psutil
 
-from imagecb_provider.testing.stack.cleanup import OWNER_ENV, forget, record, sweep
-from imagecb_provider.testing.stack.client import AirflowClient
-from imagecb_provider.testing.stack.control import StackControl
-from imagecb_provider.testing.stack.environment import (
+from imagecb_dev.stack.cleanup import OWNER_ENV, forget, record, sweep
+from imagecb_dev.stack.client import AirflowClient
+from imagecb_dev.stack.control import StackControl
+from imagecb_dev.stack.environment import (
     SCRIPTS_DIR,
     Secrets,
     StackSettings,
@@ -38,15 +38,16 @@ from imagecb_provider.testing.stack.environment import (
     process_env,
     shell_exports,
 )
-from imagecb_provider.testing.stack.errors import RunTimeout, StackAPIError, StackError
-from imagecb_provider.testing.stack.processes import ManagedProcess, finish_stopping
-from imagecb_provider.testing.stack.seed import seed, uri_connections
-from imagecb_provider.testing.stack.services import Postgres, Redis, owner_tag
-from imagecb_provider.testing.stack.template import ensure_template
+from imagecb_dev.stack.errors import RunTimeout, StackAPIError, StackError
+from imagecb_dev.stack.processes import ManagedProcess, finish_stopping
+from imagecb_dev.stack.seed import seed, uri_connections
+from imagecb_dev.stack.services import Postgres, Redis, owner_tag
+from imagecb_dev.stack.template import ensure_template
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[4]
+#: The source checkout this harness lives in (dev/imagecb_dev/stack/core.py): its dags/ and plugins/.
+REPO_ROOT = Path(__file__).resolve().parents[3]
 EXECUTORS = ("LocalExecutor", "CeleryExecutor")
 CORE_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 CELERY_WORKER = "celery-worker"
@@ -308,7 +309,7 @@ class AirflowStack(StackControl):
         spec_file.write_text(json.dumps(spec))
         log_file = self.log_path("bootstrap")
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "imagecb_provider.testing.stack._bootstrap", str(spec_file)]
+        argv = [sys.executable, "-m", "imagecb_dev.stack._bootstrap", str(spec_file)]
         with log_file.open("ab") as out:
             return subprocess.Popen(
                 argv, env=self._env(), cwd=self._home, stdout=out, stderr=subprocess.STDOUT
