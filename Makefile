@@ -54,6 +54,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
+	$(PY) scripts/docs_snippets.py --check
 
 ## make bench N=200 LATENCY=60: the batch DAG on the real stack (PostgreSQL) against its physical bound
 bench: $(STAMP)

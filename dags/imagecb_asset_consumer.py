@@ -44,6 +44,7 @@ PUBLISH_ROOT = os.environ.get("IMAGECB_PUBLISH_ROOT", "/tmp/imagecb-published")
     },
 )
 def imagecb_asset_consumer():
+    # [START howto_asset_consumer]
     @task
     def new_files(triggering_asset_events: Any = None) -> list[dict[str, Any]]:
         """The files the triggering asset events announce, each once."""
@@ -55,6 +56,7 @@ def imagecb_asset_consumer():
         print(f"{len(files)} new file(s) announced")
         return list(files.values())
 
+    # [END howto_asset_consumer]
     @task
     def publish(files: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
         """Copy each announced file into publish_root, checked against its sha256, and index it."""

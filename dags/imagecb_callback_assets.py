@@ -23,6 +23,7 @@ from imagecb_provider.triggers.callback_event import ImageCallbackEventTrigger, 
 
 LABEL = "studio"
 
+# [START howto_callback_asset_watcher]
 studio_callbacks = Asset(
     "imagecb_studio_callbacks",
     watchers=[
@@ -32,6 +33,7 @@ studio_callbacks = Asset(
         )
     ],
 )
+# [END howto_callback_asset_watcher]
 
 
 @dag(
@@ -47,6 +49,7 @@ studio_callbacks = Asset(
     },
 )
 def imagecb_callback_assets():
+    # [START howto_callback_assets_archive]
     @task
     def results_from_events(triggering_asset_events: Any = None) -> list[dict[str, Any]]:
         """Turn the payloads of the triggering asset events into result dicts."""
@@ -63,6 +66,7 @@ def imagecb_callback_assets():
         results=results_from_events(),
         destination="{{ params.archive_root }}/" + LABEL,
     )
+    # [END howto_callback_assets_archive]
 
 
 imagecb_callback_assets()

@@ -7,6 +7,7 @@ Quick start: the provider's operators on one image each way.
 
 from __future__ import annotations
 
+# [START howto_quickstart]
 from datetime import datetime
 
 from airflow.sdk import Param, dag
@@ -30,6 +31,7 @@ from imagecb_provider.sensors.task import ImageTaskSensor
     },
 )
 def imagecb_quickstart():
+    # [START howto_operator_generate]
     hero = ImageGenerateOperator(
         task_id="hero",
         prompt="a lighthouse on a cliff at dawn, watercolor",
@@ -37,14 +39,20 @@ def imagecb_quickstart():
         output_format="png",
         poll_interval="{{ params.poll_interval }}",
     )
+    # [END howto_operator_generate]
+    # [START howto_operator_archive]
     ImageArchiveOperator(
         task_id="keep", results=hero.output, destination="{{ params.archive_root }}/{{ ds }}"
     )
+    # [END howto_operator_archive]
 
+    # [START howto_sensor]
     submitted = ImageGenerateOperator(
         task_id="submit", prompt="a paper crane on a wooden desk, macro shot", wait_for_completion=False
     )
     ImageTaskSensor(task_id="wait", remote_task_id=submitted.output, poke_interval=5)
+    # [END howto_sensor]
 
 
 imagecb_quickstart()
+# [END howto_quickstart]

@@ -43,6 +43,7 @@ DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "include" / "prompts" /
     },
 )
 def imagecb_taskflow():
+    # [START howto_taskflow]
     @task
     def read_rows(params: dict[str, Any]) -> list[dict[str, Any]]:
         """The prompt file's valid rows, as request fields; bad rows are reported, never sent."""
@@ -77,6 +78,7 @@ def imagecb_taskflow():
         }
 
     summarize(image.expand(row=read_rows()))
+    # [END howto_taskflow]
 
 
 imagecb_taskflow()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make demo: start the simulator, run the main DAG end to end with `airflow dags test`, print what
-# it made, stop the simulator. Exits non-zero when the run fails.
+# it made, then run the branching example (one route per prompt) and print the route each prompt
+# took; stop the simulator. Exits non-zero when a run fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -66,3 +67,54 @@ print(f"prompts without an image: {summary['lost']} (quarantined with their reas
 PY
 echo "== summary: $RUN_FOLDER/summary.json"
 echo "== report:  $RUN_FOLDER/report.html"
+
+# The branching example: each prompt of its default list takes the route its own outcome chose.
+BRANCH_DAG_ID=imagecb_branching
+BRANCH_LOG="$DEMO/$BRANCH_DAG_ID.log"
+BRANCH_CONF="{\"archive_root\": \"$DEMO/branching\", \"poll_interval\": 0.5, \"timeout\": 8}"
+echo "== airflow dags test $BRANCH_DAG_ID $RUN_DATE (log: $BRANCH_LOG)"
+started=$(date +%s)
+status=0
+airflow dags test "$BRANCH_DAG_ID" "$RUN_DATE" -c "$BRANCH_CONF" > "$BRANCH_LOG" 2>&1 || status=$?
+if [ "$status" -ne 0 ]; then
+  tail -40 "$BRANCH_LOG"
+  echo "== the run FAILED (exit $status); full log: $BRANCH_LOG" >&2
+  exit 1
+fi
+echo "== done in $(( $(date +%s) - started )) s"
+# One line per prompt (map index): the outcome of its first generation, and the tasks of its route
+# that ran, read from the run's task instances and XComs in the metadata database.
+python - "$BRANCH_DAG_ID" "$RUN_DATE" <<'PY'
+import sys
+import warnings
+from datetime import UTC, datetime
+
+warnings.simplefilter("ignore")
+from airflow.models.dagrun import DagRun
+from airflow.models.taskinstance import TaskInstance
+from airflow.models.xcom import XComModel
+from airflow.utils.session import create_session
+from sqlalchemy import select
+
+GROUP = "image."
+ROUTE = ("rewrite", "regenerate", "resubmit", "quarantine", "archive")  # in the order they run
+with create_session() as session:
+    logical_date = datetime.fromisoformat(sys.argv[2]).replace(tzinfo=UTC)
+    run = session.scalars(select(DagRun).where(DagRun.dag_id == sys.argv[1], DagRun.logical_date == logical_date)).one()
+    tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == run.dag_id, TaskInstance.run_id == run.run_id)).all()
+    xcoms = session.scalars(select(XComModel).where(
+        XComModel.dag_id == run.dag_id, XComModel.run_id == run.run_id, XComModel.key == "return_value"
+    )).all()
+    values = {(x.task_id, x.map_index): XComModel.deserialize_value(x) for x in xcoms}
+    ran = {(ti.task_id, ti.map_index) for ti in tis if ti.state == "success"}
+    indexes = sorted({ti.map_index for ti in tis if ti.task_id == GROUP + "generate"})
+print(f"run {run.run_id}: {run.state}")
+for index in indexes:
+    result = values.get((GROUP + "generate", index)) or {}
+    route = [name for name in ROUTE if (GROUP + name, index) in ran] or ["(none)"]
+    rewritten = values.get((GROUP + "rewrite", index))
+    extra = f"  rewritten as {rewritten!r}" if rewritten else ""
+    print(f"  {index}  {str(result.get('outcome')):<18} {' > '.join(route):<31} {result.get('prompt', '')!r}{extra}")
+PY
+echo "== images:     $DEMO/branching/images (manifest.jsonl)"
+echo "== quarantine: $DEMO/branching/quarantine.jsonl"

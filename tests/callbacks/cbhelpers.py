@@ -38,6 +38,38 @@ def attempts(simulator: Any, remote_task_id: str) -> list[dict[str, Any]]:
     return [c for c in simulator.stats()["callbacks"] if c["taskId"] == remote_task_id]
 
 
+def deliver_held(simulator: Any, remote_task_id: str) -> int | None:
+    """
+    Send a callback the simulator holds (``hold_callbacks``); return the answer to its first attempt.
+
+    Fails unless the callback was due and held, with no attempt made before: whatever the test did
+    before calling this (writing the ledger, say) happened before the receiver saw the callback.
+
+    :param simulator: the running simulator, started with ``hold_callbacks=True``.
+    :param remote_task_id: the task whose callback to send.
+    """
+    wait_until(
+        lambda: remote_task_id in simulator.stats(tasks=False)["callbacks_held"],
+        what=f"the callback of {remote_task_id} to be due and held",
+    )
+    assert attempts(simulator, remote_task_id) == [], "the callback reached the receiver before its release"
+    simulator.release_callbacks(remote_task_id)
+    return wait_until(lambda: attempts(simulator, remote_task_id), what="a delivery")[0]["status"]
+
+
+def post_callback(url: str, remote_task_id: str) -> int:
+    """
+    POST a successful callback body for ``remote_task_id`` to a callback URL; return the HTTP status.
+
+    :param url: a callback URL (its token is what the receiver checks).
+    :param remote_task_id: the task id the body names.
+    """
+    import httpx
+
+    body = {"code": 200, "msg": "success", "data": {"taskId": remote_task_id, "info": {}}}
+    return httpx.post(url, json=body, trust_env=False, timeout=30).status_code
+
+
 def submit(prompt: str, callback_url: str, conn_id: str = "imagecb_default") -> str:
     """Submit one generation to the simulator through the provider's hook; return its task id."""
     from imagecb_provider.hooks.imagecb import ImageCbHook

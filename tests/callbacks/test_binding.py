@@ -3,6 +3,11 @@ The binding check: a callback posted to a task instance's URL must carry a remot
 task's submission ledger binds to the URL's slot. The ledger is written through Airflow's real
 state-store backend, for a real DagRun in the test database, and once by a real task under
 ``dag.test()``.
+
+No race decides a result: the simulator holds every callback (``hold_callbacks``) until the test
+releases it, after the ledger is written. And as the receiver accepts a callback for a slot not
+bound yet exactly as it accepts a bound one (200, the same row), a test of a bound slot first
+shows that the binding is in force: the same URL refuses another task id with 409.
 """
 
 from __future__ import annotations
@@ -12,14 +17,14 @@ import json
 from datetime import UTC, datetime
 
 import pytest
-from cbhelpers import attempts, stored_rows, submit, wait_until
+from cbhelpers import attempts, deliver_held, post_callback, stored_rows, submit, wait_until
 
 from imagecb_provider.callbacks.tokens import callback_url
 from imagecb_provider.utils.ledger import STATE_KEY, LedgerEntry, Slot
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = {"latency": 0.3, "callback_retry_delays": [0.3, 0.3, 0.3]}
+FAST = {"latency": 0.3, "callback_retry_delays": [0.3, 0.3, 0.3], "hold_callbacks": True}
 _runs = itertools.count()
 
 
@@ -62,8 +67,13 @@ def _url(settings, dag_run, slot: int = 0, *, task_id: str = "generate", map_ind
     )
 
 
-def _first_status(simulator, remote_task_id: str) -> int | None:
-    return wait_until(lambda: attempts(simulator, remote_task_id), what="a delivery")[0]["status"]
+def _refuses_another_task(url: str) -> bool:
+    """
+    Return whether the receiver holds ``url``'s slot bound: a callback naming another task is a 409.
+
+    :param url: the callback URL of the slot.
+    """
+    return post_callback(url, f"impostor-{next(_runs)}") == 409
 
 
 @pytest.fixture
@@ -75,7 +85,6 @@ def test_a_callback_bound_to_its_slot_is_recorded(receiver, simulator, connect, 
     settings = connect(simulator, receiver.url)
     url = _url(settings, dag_run, slot=1)
     _write_ledger(dag_run, LedgerEntry(slots=[Slot(key="a", remote_task_id="someone-else"), Slot(key="b")]))
-    simulator.configure(latency=2.0)
     remote_task_id = submit("a bound pelican", url)
     _write_ledger(
         dag_run,
@@ -83,14 +92,22 @@ def test_a_callback_bound_to_its_slot_is_recorded(receiver, simulator, connect, 
             slots=[Slot(key="a", remote_task_id="someone-else"), Slot(key="b", remote_task_id=remote_task_id)]
         ),
     )
-    assert _first_status(simulator, remote_task_id) == 200
-    assert stored_rows(remote_task_id)[0]["slot"] == 1
+    assert _refuses_another_task(url)
+    assert deliver_held(simulator, remote_task_id) == 200
+    (row,) = stored_rows(remote_task_id)
+    assert (row["run_id"], row["task_id"], row["map_index"], row["slot"]) == (
+        dag_run.run_id,
+        "generate",
+        -1,
+        1,
+    )
 
 
 def test_a_callback_for_another_remote_task_is_refused_409(receiver, simulator, connect, dag_run):
     settings = connect(simulator, receiver.url)
     _write_ledger(dag_run, LedgerEntry(slots=[Slot(key="a", remote_task_id="the-bound-one")]))
     remote_task_id = submit("an impostor", _url(settings, dag_run))
+    assert deliver_held(simulator, remote_task_id) == 409
     found = wait_until(
         lambda: len(attempts(simulator, remote_task_id)) >= 4 and attempts(simulator, remote_task_id)
     )
@@ -99,10 +116,14 @@ def test_a_callback_for_another_remote_task_is_refused_409(receiver, simulator, 
 
 
 def test_a_callback_that_races_ahead_of_the_ledger_is_recorded(receiver, simulator, connect, dag_run):
+    """Delivered while the task has stored nothing yet: the slot is not bound, so it is accepted."""
     settings = connect(simulator, receiver.url)
-    remote_task_id = submit("a fast finch", _url(settings, dag_run))  # no ledger written at all
-    assert _first_status(simulator, remote_task_id) == 200
+    url = _url(settings, dag_run)
+    remote_task_id = submit("a fast finch", url)
+    assert deliver_held(simulator, remote_task_id) == 200
     assert len(stored_rows(remote_task_id)) == 1
+    _write_ledger(dag_run, LedgerEntry(slots=[Slot(key="a", remote_task_id=remote_task_id)]))
+    assert _refuses_another_task(url)  # once written, the same slot is bound
 
 
 def test_a_slot_still_sending_counts_as_unbound(receiver, simulator, connect, dag_run):
@@ -113,27 +134,30 @@ def test_a_slot_still_sending_counts_as_unbound(receiver, simulator, connect, da
     )
     _write_ledger(dag_run, LedgerEntry(slots=[in_flight]))
     remote_task_id = submit("a resubmitted robin", _url(settings, dag_run))
-    assert _first_status(simulator, remote_task_id) == 200
+    assert deliver_held(simulator, remote_task_id) == 200
+    assert len(stored_rows(remote_task_id)) == 1
 
 
 def test_the_late_callback_of_an_earlier_attempt_is_accepted(receiver, simulator, connect, dag_run):
     settings = connect(simulator, receiver.url)
-    simulator.configure(latency=1.5)
-    remote_task_id = submit("a late lark", _url(settings, dag_run))
+    url = _url(settings, dag_run)
+    remote_task_id = submit("a late lark", url)
     retired = Slot(key="a", remote_task_id="second-try", earlier=[{"remote_task_id": remote_task_id}])
     _write_ledger(dag_run, LedgerEntry(slots=[retired]))
-    assert _first_status(simulator, remote_task_id) == 200
+    assert _refuses_another_task(url)
+    assert deliver_held(simulator, remote_task_id) == 200
+    assert len(stored_rows(remote_task_id)) == 1
 
 
 def test_map_indexes_are_bound_separately(receiver, simulator, connect, dag_run):
     settings = connect(simulator, receiver.url)
-    simulator.configure(latency=1.5)
     first = submit("mapped 3", _url(settings, dag_run, map_index=3))
     second = submit("mapped 4", _url(settings, dag_run, map_index=4))
     _write_ledger(dag_run, LedgerEntry(slots=[Slot(key="a", remote_task_id=first)]), map_index=3)
     _write_ledger(dag_run, LedgerEntry(slots=[Slot(key="a", remote_task_id=first)]), map_index=4)
-    assert _first_status(simulator, first) == 200
-    assert _first_status(simulator, second) == 409
+    assert deliver_held(simulator, first) == 200
+    assert stored_rows(first)[0]["map_index"] == 3
+    assert deliver_held(simulator, second) == 409
     assert stored_rows(second) == []
 
 
@@ -151,7 +175,7 @@ def test_a_real_task_instance_binds_its_callback_through_task_state_store(
     from imagecb_provider.models import GenerationRequest
     from imagecb_provider.utils.ledger import SubmissionLedger
 
-    simulator = imagecb_simulator_factory(latency=1.0, callback_retry_delays=[0.3, 0.3, 0.3])
+    simulator = imagecb_simulator_factory(**FAST)
     connect(simulator, receiver.url)
 
     def submit_and_bind(prompt: str, bound: str | None, context) -> str:
@@ -187,7 +211,8 @@ def test_a_real_task_instance_binds_its_callback_through_task_state_store(
     honest_id = tis["honest"].xcom_pull(task_ids="honest")
     mismatched_id = tis["mismatched"].xcom_pull(task_ids="mismatched")
 
-    assert _first_status(simulator, honest_id) == 200
+    # The tasks have ended, so both ledgers are written: only now do their callbacks go out.
+    assert deliver_held(simulator, honest_id) == 200
     (row,) = stored_rows(honest_id)
     assert (row["dag_id"], row["run_id"], row["task_id"], row["map_index"]) == (
         dag.dag_id,
@@ -195,5 +220,5 @@ def test_a_real_task_instance_binds_its_callback_through_task_state_store(
         "honest",
         -1,
     )
-    assert _first_status(simulator, mismatched_id) == 409
+    assert deliver_held(simulator, mismatched_id) == 409
     assert stored_rows(mismatched_id) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from store_checks import concurrent_insert_and_read, new_callback
 
 from imagecb_provider.callbacks.store import CallbackStore
@@ -15,6 +16,42 @@ def test_concurrent_inserts_never_let_a_cursor_skip_a_row(callback_db):
         CallbackStore(), writers=4, per_writer=40, conn_id="sqlite-conc"
     )
     assert sorted(read) == sorted(inserted)
+
+
+class _FailingStore(CallbackStore):
+    """A store whose ``record`` raises for one row: a writer thread dies part-way."""
+
+    def __init__(self, fail_on: str) -> None:
+        super().__init__()
+        self.fail_on = fail_on
+
+    def record(self, callback):
+        if callback.remote_task_id.endswith(self.fail_on):
+            raise RuntimeError(f"cannot record {callback.remote_task_id}")
+        return super().record(callback)
+
+
+class _ForgetfulStore(CallbackStore):
+    """A store whose ``record`` answers an id for one row it never stores."""
+
+    def record(self, callback):
+        if callback.remote_task_id.endswith("-1-2"):
+            return 10**9
+        return super().record(callback)
+
+
+def test_the_concurrency_check_raises_what_a_writer_raised_naming_its_thread(callback_db):
+    """A dead writer takes its rows out of both lists, which still agree: only its error tells."""
+    with pytest.raises(ExceptionGroup) as info:
+        concurrent_insert_and_read(_FailingStore("-2-3"), writers=3, per_writer=5, conn_id="sqlite-dead")
+    (error,) = info.value.exceptions
+    assert isinstance(error, RuntimeError)
+    assert error.__notes__ == ["raised in the writer 2 thread"]
+
+
+def test_the_concurrency_check_counts_the_rows_really_stored(callback_db):
+    with pytest.raises(AssertionError, match="8 rows stored, 9 expected"):
+        concurrent_insert_and_read(_ForgetfulStore(), writers=3, per_writer=3, conn_id="sqlite-lost")
 
 
 def test_a_duplicate_is_recorded_once_and_ids_only_grow(callback_db):

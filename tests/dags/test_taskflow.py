@@ -18,6 +18,7 @@ from imagecb_provider.decorators.imagecb import REQUEST_STATE_KEY
 pytestmark = [pytest.mark.airflow, pytest.mark.timeout(300)]
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
+EXAMPLE_DAGS_RUN = {"imagecb_taskflow"}  # see tests/dags/test_examples_covered.py
 _ids = itertools.count()
 FAST = {"poll_interval": 0.2}
 ROWS = [

@@ -17,6 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGICAL_DATE = datetime(2026, 3, 1, tzinfo=UTC)
+EXAMPLE_DAGS_RUN = {"imagecb_batch_generate"}  # see tests/dags/test_examples_covered.py
 
 pytestmark = [pytest.mark.airflow, pytest.mark.timeout(300)]
 

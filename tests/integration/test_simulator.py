@@ -945,6 +945,65 @@ def test_hold_cannot_be_combined_with_never_and_reset_forgets_held_tasks(start):
     assert sim.release(all_held=True) == []
 
 
+# ---------------------------------------------------------------- held callbacks
+def test_hold_callbacks_keeps_a_due_callback_until_it_is_released(start, receiver):
+    """The task completes as usual; only the delivery of its callback waits for the test."""
+    sim, api = start(hold_callbacks=True, callback_retry_delays=[0.05])
+    held = api.task_id("a heron", callBackUrl=receiver.url)
+    assert api.finished(held)["successFlag"] == 1  # the task itself is not held
+    wait_for(lambda: sim.stats()["callbacks_held"] == [held])
+    assert (sim.stats()["callbacks"], receiver.calls, sim.stats()["callbacks_pending"]) == ([], [], 0)
+    receiver.statuses = [503]  # once released, its retries run as usual, never held again
+    released = time.monotonic()
+    assert sim.release_callbacks(held) == [held]
+    receiver.wait(2)
+    assert all(call["at"] >= released for call in receiver.calls)
+    stats = settled(sim)
+    assert [(c["taskId"], c["attempt"], c["status"]) for c in stats["callbacks"]] == [
+        (held, 1, 503),
+        (held, 2, 200),
+    ]
+    assert stats["callbacks_held"] == []
+
+
+def test_held_callbacks_are_released_by_prompt_all_or_turning_the_hold_off(start, receiver):
+    sim, api = start(hold_callbacks=True)
+    ids = {p: api.task_id(p, callBackUrl=receiver.url) for p in ("a gull", "a tern", "a skua", "a auk")}
+    wait_for(lambda: len(sim.stats()["callbacks_held"]) == 4)
+    assert sim.release_callbacks(prompt="a gull") == [ids["a gull"]]
+    receiver.wait(1)
+    assert sorted(sim.release_callbacks(all_held=True)) == sorted(
+        [ids["a tern"], ids["a skua"], ids["a auk"]]
+    )
+    receiver.wait(4)
+    late = api.task_id("a petrel", callBackUrl=receiver.url)
+    wait_for(lambda: sim.stats()["callbacks_held"] == [late])
+    sim.configure(hold_callbacks=False)  # sends what is held, and holds nothing more
+    receiver.wait(5)
+    after = api.task_id("a shag", callBackUrl=receiver.url)
+    receiver.wait(6)
+    assert [c["body"]["data"]["taskId"] for c in receiver.calls[4:]] == [late, after]
+
+
+def test_release_callbacks_refuses_what_is_not_held_and_reset_forgets_them(start, receiver):
+    sim, api = start(hold_callbacks=True, latency=600)
+    generating = api.task_id("a loon", callBackUrl=receiver.url)
+    with pytest.raises(ValueError, match="no held callback"):
+        sim.release_callbacks(generating)  # not due yet: the test would be early
+    with pytest.raises(ValueError, match="no held callback"):
+        sim.release_callbacks(prompt="a loon")
+    with pytest.raises(ValueError, match="exactly one"):
+        sim.release_callbacks()
+    answer = requests.post(sim.url + "/_sim/callbacks/release", json={"all": False})
+    assert answer.status_code == 422
+    sim.configure(latency=0)
+    due = api.task_id("a grebe", callBackUrl=receiver.url)
+    wait_for(lambda: sim.stats()["callbacks_held"] == [due])
+    sim.reset()
+    assert sim.stats()["callbacks_held"] == []
+    assert sim.release_callbacks(all_held=True) == []
+
+
 # ------------------------------------------------------------ held answers
 def test_submit_answer_delay_holds_the_answer_for_at_least_the_delay(start):
     sim, api = start(submit_answer_delay=0.5, timestamp_format="epoch_ms")

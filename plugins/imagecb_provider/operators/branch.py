@@ -46,9 +46,11 @@ What the DAG author must (and must not) do
 * Put the branch and its branches in the same mapped task group and set the dependencies with
   the usual operators (``route >> [archive, quarantine, resubmit]``). Nothing else is needed: no
   decorator, no trigger rule on the branch targets.
-* Tasks *after* the branches (inside the group or after it) that should run whichever branch was
-  taken need a trigger rule that tolerates skipped upstreams, e.g. ``none_failed_min_one_success``
-  or ``all_done``, exactly as with any Airflow branch. A skipped branch task skips its own
+* Tasks *after* the branches that should run whichever branch was taken need a trigger rule that
+  tolerates skipped upstreams: inside the mapped group ``none_failed`` (per map index); after the
+  group ``none_failed_min_one_success`` or ``all_done``. Not ``none_failed_min_one_success``
+  inside the group: Airflow 3.3.2 makes such a task wait on every map index, so one failed index
+  marks it upstream_failed for all (apache/airflow#69377). A skipped branch task skips its own
   ``all_success`` downstream per map index.
 * Do not map the branch operator itself with ``.partial().expand()``: there is no per-index
   downstream to route then; map a task group instead (the branch fails loudly if you do).
@@ -264,7 +266,7 @@ class ImageOutcomeBranchOperator(BaseBranchOperator):
                 _install_guard(task, self.task_id)
 
     # Airflow always passes every argument, and the base method is a no-op kept for its contract:
-    # mutating either line changes nothing (see docs/mutation.md).
+    # mutating either line changes nothing (see dev/mutation.md).
     def update_relative(self, other, upstream=True, edge_modifier=None) -> None:  # pragma: no mutate
         super().update_relative(other, upstream=upstream, edge_modifier=edge_modifier)  # pragma: no mutate
         if not upstream:

@@ -111,6 +111,10 @@ class RenderTimes:
         seen = self._seconds.get(conn_id)
         return statistics.median(seen) if seen else None
 
+    def clear(self) -> None:
+        """Forget every render time learned, as a fresh process would (tests start each case so)."""
+        self._seconds.clear()
+
 
 RENDER_TIMES = RenderTimes()
 

@@ -19,6 +19,7 @@ task returned or raised them); :func:`plan_slots` turns all of it into what each
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -62,7 +63,13 @@ class Slot:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Slot:
-        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        """
+        Build a slot from its stored form, ignoring unknown keys.
+
+        :param data: one element of a ledger value's ``slots``; copied, so a change to the slot
+            (:meth:`retire` appends to ``earlier``) reaches the store only through a save.
+        """
+        known = {name: copy.deepcopy(data[name]) for name in cls.__dataclass_fields__ if name in data}
         return cls(**known)
 
 

@@ -7,7 +7,7 @@ vendor, without spending credits, and deterministically.
 
 Start it with :func:`run_in_thread` (in-process, for tests), :func:`run_in_subprocess` (a child
 process), ``python -m imagecb_provider.testing.simulator --port 8089`` (the CLI), or serve
-:func:`create_app` yourself. ``docs/simulator.md`` is the user guide.
+:func:`create_app` yourself. ``docs/connections.md`` is the user guide, ``README.md`` here the reference.
 
 Endpoints (vendor envelope ``{"code", "msg", "data"}``; ``Authorization: Bearer <api_key>``):
 ``POST /api/v1/flux/kontext/generate``, ``GET /api/v1/flux/kontext/record-info?taskId=``,
@@ -15,7 +15,8 @@ Endpoints (vendor envelope ``{"code", "msg", "data"}``; ``Authorization: Bearer 
 Controls without auth: ``GET /_sim/health``, ``GET /_sim/stats`` (``?tasks=0``: without the task
 map), ``GET|POST /_sim/config``, ``POST /_sim/reset``, ``POST /_sim/inject`` (``echo`` writes the
 request into the error's ``msg``), ``POST /_sim/release`` (``{"task_id"}``, ``{"prompt"}`` or
-``{"all": true}``: let held tasks finish).
+``{"all": true}``: let held tasks finish), ``POST /_sim/callbacks/release`` (the same bodies:
+send callbacks held by ``hold_callbacks``).
 
 Prompt markers (case-insensitive, anywhere in the prompt; an unknown ``[sim:...]`` is a 422):
 
@@ -62,6 +63,8 @@ Options (:class:`SimulatorConfig` fields; change them live with ``POST /_sim/con
 - ``duplicate_callbacks`` (False): send every callback twice
 - ``callback_retry_delays`` ((60.0, 300.0, 900.0)): waits before each callback retry (scaled)
 - ``callback_timeout`` (15.0): seconds a callback receiver has to answer
+- ``hold_callbacks`` (False): a callback that comes due is held (``/_sim/stats`` lists it under
+  ``callbacks_held``) until ``POST /_sim/callbacks/release``; turning it off sends the held ones
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ API_KEY_ENV = "IMAGECB_SIM_API_KEY"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m imagecb_provider.testing.simulator",
-        description="Serve a simulator of the kie.ai Flux Kontext image API (see docs/simulator.md).",
+        description="Serve a simulator of the kie.ai Flux Kontext image API (see docs/connections.md).",
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -416,6 +416,7 @@ def _add_controls(
         with_tasks = request.query_params.get("tasks", "1").lower() not in ("0", "false", "no", "off")
         data = state.stats(tasks=with_tasks)
         data["callbacks_pending"] = sender.pending()
+        data["callbacks_held"] = sender.held()
         return _FastJSON(data)
 
     @app.get("/_sim/config")
@@ -433,6 +434,8 @@ def _add_controls(
             return JSONResponse({"error": str(error)}, status_code=422)
         if "submit_answer_delay" in changes:
             held_answers.wake()
+        if not state.config.hold_callbacks:  # turned off: nothing stays held
+            sender.release(sender.held_matching(None, None))
         return JSONResponse(state.config.to_dict())
 
     @app.post("/_sim/reset")
@@ -467,9 +470,27 @@ def _add_controls(
             sender.schedule(task)
         return JSONResponse({"released": [task.task_id for task in tasks]})
 
+    @app.post("/_sim/callbacks/release")
+    async def release_callbacks(request: Request) -> Response:
+        try:
+            task_id, prompt = _release_target(await _json_body(request))
+        except ValueError as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        tasks = sender.held_matching(task_id, prompt)
+        if not tasks and (task_id is not None or prompt is not None):
+            # Not due yet (still generating), never held, or already sent: the test is early or wrong.
+            what = f"taskId {task_id!r}" if task_id is not None else f"prompt {prompt!r}"
+            return JSONResponse({"error": f"no held callback with {what}"}, status_code=404)
+        sender.release(tasks)
+        return JSONResponse({"released": [task.task_id for task in tasks]})
+
 
 def _release_target(body: Any) -> tuple[str | None, str | None]:
-    """Read ``(task_id, prompt)`` from a ``/_sim/release`` body; ``(None, None)`` means all held tasks."""
+    """
+    Read ``(task_id, prompt)`` from a release body; ``(None, None)`` means everything held.
+
+    :param body: the JSON body of ``/_sim/release`` or ``/_sim/callbacks/release``.
+    """
     if not isinstance(body, dict):
         raise ValueError('body must be a JSON object: {"task_id": ...}, {"prompt": ...} or {"all": true}')
     unknown = set(body) - {"task_id", "prompt", "all"}

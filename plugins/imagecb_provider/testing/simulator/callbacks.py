@@ -4,6 +4,9 @@ Completion callbacks, sent the way the vendor sends them: signed, retried, somet
 Each callback is a timer on the server's own event loop (``call_later`` at the task's completion
 time) and an ``httpx.AsyncClient`` POST, so thousands of pending callbacks cost one timer each
 and a slow receiver never stalls the API the simulator is serving.
+
+With ``hold_callbacks`` on, a callback that comes due is kept instead of sent, until a test
+releases it: the test decides that the receiver sees it only after, say, the ledger is written.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class CallbackSender:
         self.state = state
         self._client: httpx.AsyncClient | None = None
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._held: dict[str, Task] = {}  # due while hold_callbacks was on, in the order they came due
         self._running: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
 
@@ -67,11 +71,37 @@ class CallbackSender:
         """Count the deliveries armed or under way: completion timers, chains sending or awaiting a retry."""
         return len(self._timers) + len(self._running)
 
+    def held(self) -> list[str]:
+        """List the task ids whose callback is held (``hold_callbacks``), in the order they came due."""
+        return list(self._held)
+
+    def held_matching(self, task_id: str | None, prompt: str | None) -> list[Task]:
+        """
+        Find the held callbacks of this task, or of every task with exactly this prompt, or all.
+
+        :param task_id: one task's id.
+        :param prompt: the exact prompt (used when ``task_id`` is ``None``; both ``None``: all).
+        """
+        if task_id is not None:
+            return [self._held[task_id]] if task_id in self._held else []
+        return [t for t in self._held.values() if prompt is None or t.prompt == prompt]
+
+    def release(self, tasks: list[Task]) -> None:
+        """
+        Send the held callbacks of ``tasks`` now, each with its usual retries and duplicate.
+
+        :param tasks: tasks from :meth:`held_matching`.
+        """
+        for task in tasks:
+            if self._held.pop(task.task_id, None) is not None:
+                self._deliver(task)
+
     def cancel_all(self) -> None:
-        """Forget every pending and running delivery (``/_sim/reset`` and shutdown)."""
+        """Forget every pending, held and running delivery (``/_sim/reset`` and shutdown)."""
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        self._held.clear()
         for running in list(self._running):
             running.cancel()
         self._running.clear()
@@ -85,6 +115,12 @@ class CallbackSender:
     # ------------------------------------------------------------------ internals
     def _start(self, task: Task) -> None:
         self._timers.pop(task.task_id, None)
+        if self.state.config.hold_callbacks:
+            self._held[task.task_id] = task
+            return
+        self._deliver(task)
+
+    def _deliver(self, task: Task) -> None:
         payload = callback_payload(task, self.state.file_urls(task, task.base_url))
         duplicate = self._spawn_duplicate(task, payload) if task.duplicate_callback else None
         self._spawn(self._chain(task, payload, duplicate=False, after_first=duplicate))

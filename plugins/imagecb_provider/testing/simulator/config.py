@@ -44,6 +44,8 @@ class SimulatorConfig:
     ``time_factor`` scales every delay the simulator waits out by itself (task latency and
     callback retry delays) so a test can compress minutes into milliseconds; ``origin_ttl`` is
     deliberately not scaled, so link-expiry tests stay independent of task speed.
+    ``hold_callbacks`` keeps each callback that comes due from being sent until
+    ``POST /_sim/callbacks/release`` (or until it is turned off, which sends the held ones).
     """
 
     api_key: str = field(default="test-key", repr=False)
@@ -68,6 +70,7 @@ class SimulatorConfig:
     duplicate_callbacks: bool = False
     callback_retry_delays: tuple[float, ...] = (60.0, 300.0, 900.0)
     callback_timeout: float = 15.0
+    hold_callbacks: bool = False
 
     def __post_init__(self) -> None:
         """Run the same checks as :meth:`update`, so a bad value fails where it was written."""
@@ -177,6 +180,7 @@ _COERCERS: dict[str, Any] = {
     "duplicate_callbacks": _boolean,
     "callback_retry_delays": lambda n, v: tuple(_number(n, d) for d in _strings_or_numbers(n, v)),
     "callback_timeout": _number,
+    "hold_callbacks": _boolean,
 }
 
 

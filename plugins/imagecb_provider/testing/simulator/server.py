@@ -103,6 +103,25 @@ class RunningSimulator:
             body["all"] = True
         return self._call("POST", "/_sim/release", body)["released"]
 
+    def release_callbacks(
+        self, task_id: str | None = None, *, prompt: str | None = None, all_held: bool = False
+    ) -> list[str]:
+        """
+        Send callbacks held by ``hold_callbacks``: one task's, those of this exact prompt, or all.
+
+        Give exactly one of the three. A callback is held only once due (its task completed), so
+        a ``task_id`` or ``prompt`` that matches no held callback raises ``ValueError``: wait for
+        the id in ``stats()["callbacks_held"]`` first.
+
+        :param task_id: the task whose callback to send.
+        :param prompt: send the held callbacks of every task with exactly this prompt.
+        :param all_held: send every held callback.
+        :return: the task ids whose callbacks were sent.
+        """
+        body: dict[str, Any] = {"task_id": task_id, "prompt": prompt, "all": all_held or None}
+        body = {k: v for k, v in body.items() if v is not None}
+        return self._call("POST", "/_sim/callbacks/release", body)["released"]
+
     def connection_json(self, conn_type: str = "imagecb") -> str:
         """The ``AIRFLOW_CONN_<ID>`` value that points Airflow at this simulator."""
         return json.dumps({"conn_type": conn_type, "host": self.url, "password": self.config.api_key})
