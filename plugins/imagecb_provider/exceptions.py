@@ -138,6 +138,25 @@ class InvalidGenerationRequest(ImageCbError, AirflowFailException, ValueError):
         super().__init__(f"Invalid {field}={shown}: {allowed}")
 
 
+class InvalidRemoteTaskId(ImageCbProtocolError, ValueError):
+    """
+    A remote task id that is not of the one strict form, wherever it came from.
+
+    :param where: what carried it (``"the submit answer"``, ``"a callback body"``, ...).
+    :param value: the refused value (shown shortened, never used).
+    """
+
+    def __init__(self, where: str, value: object) -> None:
+        self.where = where
+        shown = repr(value)
+        if len(shown) > 40:
+            shown = f"{shown[:37]}..."
+        super().__init__(
+            f"Refused the remote task id {shown} from {where}: a remote task id is 1 to 128 letters, "
+            "digits, '_' or '-'"
+        )
+
+
 # ------------------------------------------------------------------------ task outcome errors
 class ImageTaskFailed(ImageCbError):
     """

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +22,23 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from imagecb_provider.exceptions import InvalidGenerationRequest
+from imagecb_provider.exceptions import InvalidGenerationRequest, InvalidRemoteTaskId
+
+# The vendor documents ids such as "task12345" and "task_flux-2_1765175490366": letters, digits,
+# "_" and "-". Nothing else is ever used as a file name, a URL part or a database key.
+REMOTE_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+def remote_task_id(value: object, where: str) -> str:
+    """
+    Return ``value`` if it is a remote task id of the strict form, or raise :class:`InvalidRemoteTaskId`.
+
+    :param value: what claims to be a remote task id.
+    :param where: what carried it, for the error text.
+    """
+    if isinstance(value, str) and REMOTE_TASK_ID.fullmatch(value):
+        return value
+    raise InvalidRemoteTaskId(where, value)
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
 OUTPUT_FORMATS = ("jpeg", "png")
