@@ -25,6 +25,7 @@ import argparse
 import re
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +148,31 @@ def find_blocks(doc: Path, root: Path) -> list[Block]:
     return blocks
 
 
+def _compared(root: Path, problems: list[str]) -> Iterator[tuple[Path, list[tuple[Block, str, str]]]]:
+    """
+    Yield each doc with its blocks, each block with where it is and what its source gives.
+
+    :param root: the repository root.
+    :param problems: where a doc or a block that cannot be read is reported.
+    """
+    for doc in doc_files(root):
+        try:
+            blocks = find_blocks(doc, root)
+        except SnippetError as error:
+            problems.append(str(error))
+            continue
+        compared = []
+        for block in blocks:
+            where = f"{_relative(doc, root)}:{block.line}: block {block.source} {block.name}"
+            try:
+                compared.append(
+                    (block, where, render(extract(_source_path(block.source, root), block.name, root)))
+                )
+            except SnippetError as error:
+                problems.append(f"{where}: {error}")
+        yield doc, compared
+
+
 def check(root: Path) -> tuple[list[str], int]:
     """
     Return the problems found under a root, and how many blocks were checked.
@@ -155,22 +181,13 @@ def check(root: Path) -> tuple[list[str], int]:
     """
     problems: list[str] = []
     count = 0
-    for doc in doc_files(root):
-        try:
-            blocks = find_blocks(doc, root)
-        except SnippetError as error:
-            problems.append(str(error))
-            continue
-        for block in blocks:
-            count += 1
-            where = f"{_relative(doc, root)}:{block.line}: block {block.source} {block.name}"
-            try:
-                expected = render(extract(_source_path(block.source, root), block.name, root))
-            except SnippetError as error:
-                problems.append(f"{where}: {error}")
-                continue
-            if block.body != expected:
-                problems.append(f"{where} differs from its source (run scripts/docs_snippets.py --write)")
+    for _, compared in _compared(root, problems):
+        count += len(compared)
+        problems += [
+            f"{where} differs from its source (run scripts/docs_snippets.py --write)"
+            for block, where, expected in compared
+            if block.body != expected
+        ]
     return problems, count
 
 
@@ -182,25 +199,12 @@ def write(root: Path) -> tuple[list[str], list[str]]:
     """
     rewritten: list[str] = []
     problems: list[str] = []
-    for doc in doc_files(root):
-        try:
-            blocks = find_blocks(doc, root)
-        except SnippetError as error:
-            problems.append(str(error))
-            continue
+    for doc, compared in _compared(root, problems):
         lines = doc.read_text(encoding="utf-8").splitlines(keepends=True)
-        changed = False
-        for block in reversed(blocks):
-            where = f"{_relative(doc, root)}:{block.line}: block {block.source} {block.name}"
-            try:
-                expected = render(extract(_source_path(block.source, root), block.name, root))
-            except SnippetError as error:
-                problems.append(f"{where}: {error}")
-                continue
-            if block.body != expected:
-                lines[block.start + 1 : block.end] = expected.splitlines(keepends=True)
-                rewritten.append(where)
-                changed = True
+        changed = [(block, where, expected) for block, where, expected in compared if block.body != expected]
+        for block, where, expected in reversed(changed):
+            lines[block.start + 1 : block.end] = expected.splitlines(keepends=True)
+            rewritten.append(where)
         if changed:
             doc.write_text("".join(lines), encoding="utf-8")
     return rewritten, problems
