@@ -40,6 +40,7 @@ def remote_task_id(value: object, where: str) -> str:
         return value
     raise InvalidRemoteTaskId(where, value)
 
+
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
 OUTPUT_FORMATS = ("jpeg", "png")
 MODELS = ("flux-kontext-pro", "flux-kontext-max")
