@@ -129,12 +129,12 @@ def imagecb_batch_generate():
         from airflow.configuration import conf
 
         from imagecb_provider.batch.archive import JsonlLedger
-        from imagecb_provider.batch.prompts import group_requests, parse_prompt_file
+        from imagecb_provider.batch.prompts import group_requests, parse_prompt_file, read_prompt_file
         from imagecb_provider.hooks.imagecb import ImageCbHook
 
         path = params["prompts_path"]
         batch = parse_prompt_file(
-            Path(path).read_text(encoding="utf-8"),
+            read_prompt_file(path),
             path,
             defaults={"model": params["model"], "aspect_ratio": params["aspect_ratio"]},
         )

@@ -47,10 +47,10 @@ def imagecb_taskflow():
     @task
     def read_rows(params: dict[str, Any]) -> list[dict[str, Any]]:
         """The prompt file's valid rows, as request fields; bad rows are reported, never sent."""
-        from imagecb_provider.batch.prompts import parse_prompt_file
+        from imagecb_provider.batch.prompts import parse_prompt_file, read_prompt_file
 
         path = params["prompts_path"]
-        batch = parse_prompt_file(Path(path).read_text(encoding="utf-8"), path)
+        batch = parse_prompt_file(read_prompt_file(path), path)
         for row in batch.rejected:
             print(f"line {row['line']} left out: {row['error']}")
         return [item["request"] for item in batch.requests]

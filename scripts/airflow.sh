@@ -13,7 +13,9 @@
 # image, default 5), the connection imagecb_default pointing at it, the pool imagecb_submissions
 # (1 slot), connection testing enabled, the UI on http://localhost:8080 (IMAGECB_API_PORT; the
 # next free port when taken), user admin with the password printed. The batch DAG starts paused
-# and has no schedule unless IMAGECB_BATCH_SCHEDULE is set.
+# and has no schedule unless IMAGECB_BATCH_SCHEDULE is set. The contact sheet serves reports and
+# images from the project's archive/ only (the batch DAG's default archive_root): set
+# AIRFLOW__IMAGECB__ARCHIVE_ROOTS (comma-separated folders, s3:// or gs:// prefixes) for others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,6 +34,8 @@ SIM_PORT=${IMAGECB_SIM_PORT:-8089}
 if port_busy "$SIM_PORT"; then SIM_PORT=$(free_port); fi
 LOGS="$ROOT/.airflow"
 mkdir -p "$LOGS"
+# Where the contact sheet may read reports and images ([imagecb] archive_roots): never elsewhere.
+ARCHIVE_ROOTS=${AIRFLOW__IMAGECB__ARCHIVE_ROOTS:-$ROOT/archive}
 
 # --- the simulator and the connection to it --------------------------------------------------
 "$PY" -m imagecb_provider.testing.simulator --port "$SIM_PORT" --latency "${IMAGECB_SIM_LATENCY:-5}" \
@@ -47,6 +51,7 @@ CONN="{\"conn_type\": \"imagecb\", \"host\": \"http://127.0.0.1\", \"port\": $SI
 
 echo "== simulator on http://127.0.0.1:$SIM_PORT (log: $LOGS/simulator.log); connection imagecb_default points at it"
 echo "== UI: http://localhost:$API_PORT  (open it as localhost, the address the links use)"
+echo "   the contact sheet serves reports and images under: $ARCHIVE_ROOTS"
 echo "   then see docs/ui.md: trigger the batch from the DAG page (it starts paused), open a run's"
 echo "   'Contact sheet' tab, rerun a group by clearing its image.generate instance"
 
@@ -54,7 +59,9 @@ if [ -z "${IMAGECB_AIRFLOW_STANDALONE:-}" ] && postgres_answers; then
   # --- the real stack on PostgreSQL ----------------------------------------------------------
   # --schedule: the scheduler creates runs as in any deployment (without it, neither cron nor
   # asset schedules make runs); every DAG starts paused, and the batch has no schedule by default.
-  ARGS=(up --port "$API_PORT" --conn "imagecb_default=$CONN" --pool imagecb_submissions=1 --schedule)
+  # The stack's processes inherit no AIRFLOW* variable of this shell: the roots go as --env.
+  ARGS=(up --port "$API_PORT" --conn "imagecb_default=$CONN" --pool imagecb_submissions=1 --schedule
+        --env "AIRFLOW__IMAGECB__ARCHIVE_ROOTS=$ARCHIVE_ROOTS")
   echo "== PostgreSQL answers on 127.0.0.1:5432: starting the real stack (a fresh database, dropped at Ctrl-C)"
   "$PY" -m imagecb_dev.stack "${ARGS[@]}"
   exit $?
@@ -74,6 +81,7 @@ export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=${AIRFLOW__DAG_PROCESSOR__REFRES
 export AIRFLOW__API__PORT=$API_PORT
 export AIRFLOW__API__BASE_URL="http://localhost:$API_PORT"
 export AIRFLOW__CORE__EXECUTION_API_SERVER_URL="http://localhost:$API_PORT/execution/"
+export AIRFLOW__IMAGECB__ARCHIVE_ROOTS="$ARCHIVE_ROOTS"
 
 airflow db migrate > "$LOGS/db-migrate.log" 2>&1
 airflow connections delete imagecb_default > /dev/null 2>&1 || true

@@ -20,6 +20,8 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
 os.environ.pop("AIRFLOW_CONN_IMAGECB_DEFAULT", None)
 # The batch DAG's retries wait 1 s here, not 30 s (dag.test() waits them out in real time).
 os.environ["IMAGECB_BATCH_RETRY_DELAY"] = "1"
+# The callback tokens' signing key (the throwaway AIRFLOW_HOME has no fernet key to derive one from).
+os.environ.setdefault("AIRFLOW__IMAGECB__CALLBACK_SIGNING_KEYS", "t1:" + "test-signing-secret-" * 3)
 
 import pytest  # noqa: E402
 

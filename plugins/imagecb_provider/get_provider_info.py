@@ -44,6 +44,55 @@ def get_provider_info() -> dict:
         "task-decorators": [
             {"name": "imagecb", "class-name": "imagecb_provider.decorators.imagecb.imagecb_task"}
         ],
+        # The [imagecb] options, shown by `airflow config list` (the sensitive one masked).
+        "config": {
+            "imagecb": {
+                "description": "The imagecb provider's callback receiver and contact sheet.",
+                "options": {
+                    "callback_signing_keys": {
+                        "description": "Keys that sign callback URLs: kid:secret pairs, comma-separated "
+                        "(secrets of 32 characters or more). The first signs, all verify: add a new key "
+                        "after the old one, move it first, drop the old one once its URLs have expired. "
+                        "Empty: keys derived from [core] fernet_key.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "sensitive": True,
+                        "example": "k2:<32+ random characters>,k1:<32+ random characters>",
+                        "default": "",
+                    },
+                    "revoked_asset_labels": {
+                        "description": "Asset callback labels whose URLs are refused (comma-separated).",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "partner-a,old-label",
+                        "default": "",
+                    },
+                    "asset_callback_quota": {
+                        "description": "Asset callbacks recorded per connection and label within the window; "
+                        "the next is answered 429.",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "10000",
+                        "default": "10000",
+                    },
+                    "asset_callback_quota_window": {
+                        "description": "The quota's sliding window, in seconds.",
+                        "version_added": "0.2.0",
+                        "type": "integer",
+                        "example": "86400",
+                        "default": "86400",
+                    },
+                    "archive_roots": {
+                        "description": "Where the contact sheet may read reports and images: local folders, "
+                        "s3:// and gs:// prefixes, comma-separated. Empty: the sheet is not served.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "/data/imagecb-archive,s3://my-bucket/imagecb",
+                        "default": "",
+                    },
+                },
+            }
+        },
         "connection-types": [
             {
                 "hook-class-name": "imagecb_provider.hooks.imagecb.ImageCbHook",
@@ -65,6 +114,14 @@ def get_provider_info() -> dict:
                         "label": "Webhook HMAC key",
                         "description": "The vendor's webhook HMAC key, used to verify signed callbacks.",
                         "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                    "file_hosts": {
+                        "label": "File hosts",
+                        "description": "Comma-separated hosts generated files may be downloaded from, "
+                        "besides the API host and, for the vendor's API, tempfile.aiquickdraw.com and "
+                        "*.r2.cloudflarestorage.com (e.g. files.example.com, *.cdn.example.com). "
+                        "https only; prefix a host with http:// to allow plain http for it.",
+                        "schema": {"type": ["string", "null"]},
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",

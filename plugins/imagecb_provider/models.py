@@ -51,6 +51,9 @@ SAFETY_TOLERANCE_EDIT = (0, 2)
 
 _TRUE_STRINGS = {"true", "1", "yes", "y", "on"}
 _FALSE_STRINGS = {"false", "0", "no", "n", "off"}
+# ASCII digits only: str.isdigit() is also true of "²", on which int() raises a bare ValueError;
+# 18 digits keep int() far from its 4300-digit limit.
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")
 
 
 class Outcome(StrEnum):
@@ -118,7 +121,7 @@ def _as_int(name: str, value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
         return int(value.strip())
     raise InvalidGenerationRequest(name, value, "expected a whole number")
 
@@ -341,7 +344,13 @@ class TaskRecord:
 
     @classmethod
     def from_record_info(cls, data: Mapping[str, Any]) -> TaskRecord:
-        """From the ``data`` of ``GET record-info``; ``response`` may be null while generating."""
+        """
+        From the ``data`` of ``GET record-info``; ``response`` may be null while generating.
+
+        The vendor's ``taskId`` must be of the strict form, or :class:`InvalidRemoteTaskId` is raised:
+        an answer naming another kind of id is not trusted with anything else either.
+        """
+        task_id = remote_task_id(data.get("taskId") or data.get("task_id"), "a record-info answer")
         flag = _as_code(data.get("successFlag"))
         state = _STATE_BY_SUCCESS_FLAG.get(flag if flag is not None else 0, TaskState.GENERATE_FAILED)
         code = _as_code(data.get("errorCode"))
@@ -349,7 +358,7 @@ class TaskRecord:
             code = 200
         response = data.get("response") or {}
         return cls(
-            task_id=str(data.get("taskId") or data.get("task_id") or ""),
+            task_id=task_id,
             state=state,
             outcome=outcome_of(state, code),
             code=code,

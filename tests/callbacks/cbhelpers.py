@@ -8,6 +8,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: ``[imagecb] callback_signing_keys`` of the callback tests (conftest.py puts it in the environment,
+#: which the receivers and commands started by the tests inherit).
+SIGNING_KEYS = "t1:imagecb-test-signing-secret-number-one-0123456789"
+#: Keys no process of the tests is configured with: a token they sign is forged.
+OTHER_SIGNING_KEYS = "t9:imagecb-test-signing-secret-not-configured-anywhere"
+
+
+def keyring(spec: str = SIGNING_KEYS, **kwargs: Any) -> Any:
+    """A :class:`~imagecb_provider.callbacks.tokens.TokenKeyring` of ``kid:secret,...``."""
+    from imagecb_provider.callbacks.tokens import TokenKeyring
+
+    return TokenKeyring.from_secrets(spec, **kwargs)
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
@@ -81,13 +94,22 @@ def submit(prompt: str, callback_url: str, conn_id: str = "imagecb_default") -> 
 
 
 class StandaloneReceiver:
-    """``python -m imagecb_provider.callbacks`` in a child process; stoppable and restartable on its port."""
+    """
+    ``python -m imagecb_provider.callbacks`` in a child process; stoppable and restartable on its port.
 
-    def __init__(self, env: dict[str, str], port: int = 0) -> None:
+    :param env: the child's environment.
+    :param port: the port (0: a free one, kept across restarts).
+    :param log_level: uvicorn's; at ``info`` its access log is on, and what the child printed
+        (stdout, and stderr unless ``warning``) is in :attr:`output` once stopped.
+    """
+
+    def __init__(self, env: dict[str, str], port: int = 0, log_level: str = "warning") -> None:
         self.env = env
         self.port = port
+        self.log_level = log_level
         self.process: Any = None
         self.url = ""
+        self.output = ""
 
     def start(self) -> StandaloneReceiver:
         import re
@@ -97,13 +119,20 @@ class StandaloneReceiver:
         import httpx
 
         command = [sys.executable, "-m", "imagecb_provider.callbacks", "--port", str(self.port)]
-        command += ["--log-level", "warning"]
-        self.process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        if not found:
-            self.stop()
-            raise RuntimeError(f"the standalone receiver did not announce its URL: {line!r}")
+        command += ["--log-level", self.log_level]
+        # stderr joins stdout only when the log is wanted: nothing else reads the pipe meanwhile
+        stderr = None if self.log_level == "warning" else subprocess.STDOUT
+        self.process = subprocess.Popen(
+            command, env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+        found = None
+        while not found:  # the announcement, after whatever the child logged while starting
+            line = self.process.stdout.readline()
+            self.output += line
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if not line:
+                self.stop()
+                raise RuntimeError(f"the standalone receiver did not announce its URL: {self.output!r}")
         self.port = int(found.group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -126,6 +155,8 @@ class StandaloneReceiver:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process is not None:
+            self.output += self.process.stdout.read()
         self.process = None
 
 
@@ -168,3 +199,76 @@ class ServerThread:
             self._server.should_exit = True
             self._thread.join(timeout=15)
             self._server = self._thread = None
+
+
+# ------------------------------------------------------------------------- hostile requests
+def token_shapes(token: str) -> list[tuple[str, str]]:
+    """
+    (method, request target) pairs that carry ``token`` in every way a path can: each method on the
+    callback URL, trailing, doubled and percent-encoded slashes, dot segments, a query, a longer
+    path, another path of the app.
+    """
+    url = f"/imagecb/callbacks/{token}"
+    return [
+        *((method, url) for method in ("GET", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "POST")),
+        ("POST", f"{url}/"),
+        ("GET", f"{url}/"),
+        ("POST", f"{url}//"),
+        ("POST", f"/imagecb/callbacks//{token}"),
+        ("POST", f"/imagecb//callbacks/{token}"),
+        ("POST", f"{url}%2F"),
+        ("POST", f"/imagecb/callbacks%2F{token}"),
+        ("POST", f"/imagecb/callbacks/{token.replace('.', '%2E')}"),
+        ("GET", f"{url}?after=1"),
+        ("POST", f"{url}/extra"),
+        ("DELETE", f"{url}/"),
+        ("POST", f"/imagecb/./callbacks/{token}"),
+        ("POST", f"/imagecb/callbacks/x/../{token}"),
+        ("GET", f"/imagecb/elsewhere/{token}"),
+    ]
+
+
+def outside_the_mount(token: str) -> list[tuple[str, str]]:
+    """Shapes of a callback URL the API server does not route to ``/imagecb``."""
+    return [
+        ("POST", f"//imagecb/callbacks/{token}"),
+        ("POST", f"/x/../imagecb/callbacks/{token}"),
+        ("GET", f"/api/v2/{token}"),
+    ]
+
+
+def raw_request(
+    base_url: str, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, list[tuple[str, str]]]:
+    """
+    Send one HTTP/1.1 request exactly as written (no client normalizes the target); return the
+    status and the response headers.
+    """
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {url.netloc}", "Connection: close"]
+    lines += [
+        f"{name}: {value}" for name, value in {"Content-Type": "application/json", **(headers or {})}.items()
+    ]
+    lines.append(f"Content-Length: {len(body)}")
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    pairs = [line.split(":", 1) for line in head[1:] if ":" in line]
+    return int(head[0].split()[1]), [(name.strip().lower(), value.strip()) for name, value in pairs]
+
+
+def callback_body(remote_task_id: str) -> bytes:
+    """A successful callback body for ``remote_task_id``, as the vendor posts it."""
+    import json
+
+    data = {
+        "code": 200,
+        "msg": "success",
+        "data": {"taskId": remote_task_id, "info": {"resultImageUrl": "x"}},
+    }
+    return json.dumps(data).encode()

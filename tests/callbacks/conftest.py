@@ -7,14 +7,19 @@ callbacks at it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from cbhelpers import ServerThread
+from cbhelpers import SIGNING_KEYS, ServerThread
 
 CONN_ENV = "AIRFLOW_CONN_IMAGECB_DEFAULT"
+# Callback tokens are signed with keys of the provider's own; the tests' throwaway AIRFLOW_HOME
+# has no [core] fernet_key to derive them from. Set before anything mints a token; the receivers
+# and commands the tests start inherit it.
+os.environ["AIRFLOW__IMAGECB__CALLBACK_SIGNING_KEYS"] = SIGNING_KEYS
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,10 @@ import time
 
 import httpx
 import pytest
-from cbhelpers import attempts, stored_rows, submit, wait_until
+from cbhelpers import OTHER_SIGNING_KEYS, attempts, keyring, stored_rows, submit, wait_until
+from store_checks import new_callback
 
+from imagecb_provider.callbacks.store import CallbackStore
 from imagecb_provider.callbacks.tokens import asset_callback_url, callback_url, watch_token
 from imagecb_provider.hooks.imagecb import ImageCbConnectionSettings
 
@@ -49,14 +51,13 @@ def _recorded(simulator, remote_task_id: str) -> None:
 @pytest.mark.parametrize("path", ["/events", "/cursors/asset:*"])
 def test_the_events_endpoints_need_a_watch_token(receiver, settings, path):
     url = f"{receiver.callbacks_url}{path}"
-    other_key = ImageCbConnectionSettings(conn_id=settings.conn_id, base_url="x", api_key="not-the-key")
     for headers in (
         {},
         {"Authorization": "Basic abc"},
         {"Authorization": "Bearer garbage"},
         {"Authorization": f"Bearer {_ti_url(settings).rsplit('/', 1)[1]}"},  # a callback token
         _auth(settings, expires_in=1, now=time.time() - 60),  # expired
-        _auth(other_key),  # signed with another key
+        _auth(settings, keyring=keyring(OTHER_SIGNING_KEYS)),  # signed with keys not configured
     ):
         answer = _get(url, headers)
         assert answer.status_code == 401, headers
@@ -169,7 +170,14 @@ def test_lookup_returns_what_was_recorded_for_given_ids(receiver, simulator, set
 
 
 @pytest.mark.parametrize(
-    "body", [{"remote_task_ids": "abc"}, {"remote_task_ids": [1, 2]}, {"remote_task_ids": ["x"] * 1001}, {}]
+    "body",
+    [
+        {"remote_task_ids": "abc"},
+        {"remote_task_ids": [1, 2]},
+        {"remote_task_ids": ["x"] * 1001},
+        {},
+        {"remote_task_ids": ["x"], "purpose": "watch"},
+    ],
 )
 def test_a_bad_lookup_is_refused_422(receiver, settings, body):
     answer = httpx.post(
@@ -179,17 +187,23 @@ def test_a_bad_lookup_is_refused_422(receiver, settings, body):
 
 
 # ------------------------------------------------------------------------------ cursors
-def test_a_cursor_only_moves_forward(receiver, settings):
+def test_a_cursor_only_moves_forward_and_never_past_the_latest_row(receiver, settings):
     url = f"{receiver.callbacks_url}/cursors/test:{time.monotonic_ns()}"
     assert _get(url, _auth(settings)).json()["position"] is None
+    store = CallbackStore()
+    first, second = (
+        store.record(new_callback(f"cursor-{time.monotonic_ns()}-{i}", settings.conn_id)) for i in range(2)
+    )
 
     def put(position) -> httpx.Response:
         return httpx.put(url, json={"position": position}, headers=_auth(settings), trust_env=False)
 
-    assert put(10).json()["position"] == 10
-    assert put(4).json()["position"] == 10
-    assert put(12).json()["position"] == 12
-    assert _get(url, _auth(settings)).json()["position"] == 12
+    assert put(second).json()["position"] == second
+    assert put(first).json()["position"] == second
+    # a name of no asset stream follows every row of the connection (the two, or a later one)
+    latest = max(row.id for row in store.after(settings.conn_id, second - 1)[0])
+    assert put(latest + 10**6).json()["position"] == latest
+    assert _get(url, _auth(settings)).json()["position"] == latest
     assert put(-1).status_code == 422
     assert put("7").status_code == 422
     assert _get(f"{receiver.callbacks_url}/cursors/bad name!", _auth(settings)).status_code == 422

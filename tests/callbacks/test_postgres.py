@@ -1,7 +1,9 @@
 """
 The receiver on PostgreSQL, the database of real deployments: ``airflow db migrate`` creates its
-tables through the db-manager, the standalone receiver records, binds and serves callbacks there,
-and concurrent inserts never let a reader's cursor skip a row.
+tables through the db-manager (and upgrades those an older release made, rows and all), the
+standalone receiver records, binds and serves callbacks there, concurrent inserts never let a
+reader's cursor skip a row, and the store's rules (a task id per connection and purpose, the asset
+quota, cursors that stop at their stream's latest row) hold there too.
 
 These tests need the local PostgreSQL (127.0.0.1:5432, user ``postgres``, trust). Each run creates
 its own database and drops it. Without PostgreSQL they fail: they are never skipped.
@@ -9,11 +11,13 @@ its own database and drops it. Without PostgreSQL they fail: they are never skip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from cbhelpers import StandaloneReceiver, attempts, submit, wait_until
+from migration_checks import HEAD, REVISION_0001, check_upgraded, fill_0001
 
 from imagecb_provider.callbacks.store import CallbackStore
 from imagecb_provider.callbacks.tokens import callback_url, watch_token
@@ -37,9 +42,9 @@ def _admin_engine() -> sa.Engine:
     return sa.create_engine(f"{SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
 
 
-@pytest.fixture(scope="module")
-def pg_url(tmp_path_factory):
-    """A fresh database migrated by ``airflow db migrate`` (with the provider's db-manager), dropped after."""
+@contextlib.contextmanager
+def _fresh_database() -> Iterator[str]:
+    """Create an empty database on the local PostgreSQL; yield its URL; drop it after."""
     admin = _admin_engine()
     try:
         with admin.connect() as conn:
@@ -53,17 +58,8 @@ def pg_url(tmp_path_factory):
     name = f"imagecb_cb_test_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = f"{SERVER}/{name}"
     try:
-        completed = subprocess.run(
-            [sys.executable, "-m", "airflow", "db", "migrate"],
-            env=_airflow_env(url, tmp_path_factory.mktemp("pg-airflow-home")),
-            capture_output=True,
-            text=True,
-            timeout=170,
-        )
-        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-        yield url
+        yield f"{SERVER}/{name}"
     finally:
         with admin.connect() as conn:
             conn.execute(
@@ -72,6 +68,25 @@ def pg_url(tmp_path_factory):
             )
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+def _airflow_db_migrate(url: str, home: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        env=_airflow_env(url, home),
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def pg_url(tmp_path_factory):
+    """A fresh database migrated by ``airflow db migrate`` (with the provider's db-manager), dropped after."""
+    with _fresh_database() as url:
+        _airflow_db_migrate(url, tmp_path_factory.mktemp("pg-airflow-home"))
+        yield url
 
 
 def _airflow_env(url: str, home: Path, **extra: str) -> dict[str, str]:
@@ -100,11 +115,11 @@ def test_airflow_db_migrate_created_the_tables_with_the_providers_version(pg_eng
     assert {"imagecb_callback", "imagecb_callback_cursor", "imagecb_alembic_version", "dag_run"} <= tables
     with pg_engine.connect() as conn:
         version = conn.execute(sa.text("SELECT version_num FROM imagecb_alembic_version")).scalar_one()
-    assert version == "0001_imagecb_callback"
+    assert version == HEAD
     columns = {c["name"]: c for c in inspector.get_columns("imagecb_callback")}
     assert isinstance(columns["id"]["type"], sa.BigInteger)
     assert [u["column_names"] for u in inspector.get_unique_constraints("imagecb_callback")] == [
-        ["remote_task_id"]
+        ["conn_id", "purpose", "remote_task_id"]
     ]
 
 
@@ -114,7 +129,13 @@ def test_the_alembic_migration_builds_the_same_schema_as_the_orm(pg_url, pg_engi
     def schema() -> dict:
         inspector = sa.inspect(pg_engine)
         return {
-            table: sorted((c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table))
+            table: (
+                sorted((c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)),
+                sorted(
+                    (u["name"], tuple(u["column_names"])) for u in inspector.get_unique_constraints(table)
+                ),
+                sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)),
+            )
             for table in ("imagecb_callback", "imagecb_callback_cursor")
         }
 
@@ -148,6 +169,54 @@ def test_duplicates_are_recorded_once(pg_engine):
     assert store.record(callback) is not None
     assert store.record(callback) is None
     assert len(store.lookup("pg", [callback.remote_task_id])) == 1
+
+
+def test_a_task_id_is_unique_per_connection_and_purpose(pg_engine):
+    from store_checks import check_a_task_id_is_unique_per_connection_and_purpose
+
+    check_a_task_id_is_unique_per_connection_and_purpose(CallbackStore(pg_engine), "pg-purpose")
+
+
+def test_a_cursor_stops_at_its_streams_latest_row(pg_engine):
+    from store_checks import check_a_cursor_stops_at_its_streams_latest_row
+
+    check_a_cursor_stops_at_its_streams_latest_row(CallbackStore(pg_engine), "pg-clamp")
+
+
+def test_the_asset_quota(pg_engine):
+    from store_checks import check_the_asset_quota
+
+    check_the_asset_quota(CallbackStore(pg_engine, asset_quota=3), "pg-quota")
+
+
+def test_the_asset_quota_holds_under_concurrency(pg_engine):
+    """Eight writers on one label, under the insert lock: exactly the quota is recorded."""
+    from store_checks import check_the_asset_quota_holds_under_concurrency
+
+    check_the_asset_quota_holds_under_concurrency(
+        CallbackStore(pg_engine, asset_quota=5), "pg-race", writers=8
+    )
+
+
+def test_airflow_db_migrate_upgrades_a_0001_database_with_rows(tmp_path):
+    """A database the previous release migrated (revision 0001), with callbacks and cursors in it."""
+    with _fresh_database() as url:
+        at_0001 = (
+            "from alembic import command\n"
+            f"from {MANAGER.rsplit('.', 1)[0]} import CallbackDBManager\n"
+            f"command.upgrade(CallbackDBManager(None).get_alembic_config(), {REVISION_0001!r})\n"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", at_0001], env=_airflow_env(url, tmp_path), capture_output=True, text=True
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        try:
+            before = fill_0001(engine)
+            _airflow_db_migrate(url, tmp_path)
+            check_upgraded(engine, before)
+        finally:
+            engine.dispose()
 
 
 # ------------------------------------------------------------------ the standalone receiver on PostgreSQL
@@ -241,8 +310,8 @@ def test_the_standalone_receiver_on_postgres(
         wait_until(lambda: attempts(simulator, late), what="the first delivery")
         receiver.start()
         wait_until(lambda: store.lookup("imagecb_default", [late]), what="the retried callback")
-        statuses = [a["status"] for a in attempts(simulator, late)]
-        assert statuses[0] is None
-        assert statuses[-1] == 200
+        # the row commits before the 200 goes out, and the simulator logs an attempt once answered
+        wait_until(lambda: attempts(simulator, late)[-1]["status"] == 200, what="the retry's answer")
+        assert attempts(simulator, late)[0]["status"] is None
     finally:
         receiver.stop()

@@ -1,14 +1,33 @@
-"""The store on SQLite (the test session's database): gap-free cursors, duplicates, cursors, purge."""
+"""
+The store on SQLite (the test session's database): gap-free cursors, duplicates per connection and
+purpose, the asset quota, stored bodies, consumer cursors, purge.
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from store_checks import concurrent_insert_and_read, new_callback
+import sqlalchemy as sa
+from store_checks import (
+    check_a_cursor_stops_at_its_streams_latest_row,
+    check_a_task_id_is_unique_per_connection_and_purpose,
+    check_the_asset_quota,
+    check_the_asset_quota_holds_under_concurrency,
+    concurrent_insert_and_read,
+    new_callback,
+)
 
-from imagecb_provider.callbacks.store import CallbackStore
+from imagecb_provider.callbacks.schema import callback_table
+from imagecb_provider.callbacks.store import (
+    DEFAULT_ASSET_QUOTA,
+    MAX_MESSAGE,
+    CallbackStore,
+    NewCallback,
+)
+from imagecb_provider.exceptions import ImageCbConfigurationError
 
 
 def test_concurrent_inserts_never_let_a_cursor_skip_a_row(callback_db):
@@ -66,11 +85,76 @@ def test_a_duplicate_is_recorded_once_and_ids_only_grow(callback_db):
 
 def test_a_consumer_cursor_never_moves_back(callback_db):
     store = CallbackStore()
-    name = f"asset:{uuid.uuid4().hex}"
+    label = uuid.uuid4().hex
+    name = f"asset:{label}"
+    ids = [store.record(new_callback(f"{label}-{i}", "c", "asset", label=label)) for i in range(2)]
     assert store.cursor("c", name) is None
-    assert store.advance_cursor("c", name, 7) == 7
-    assert store.advance_cursor("c", name, 3) == 7
+    assert store.advance_cursor("c", name, ids[1]) == ids[1]
+    assert store.advance_cursor("c", name, ids[0]) == ids[1]
     assert store.cursor("other", name) is None
+
+
+def test_a_task_id_is_unique_per_connection_and_purpose(callback_db):
+    check_a_task_id_is_unique_per_connection_and_purpose(CallbackStore(), "sqlite-purpose")
+
+
+def test_a_cursor_stops_at_its_streams_latest_row(callback_db):
+    check_a_cursor_stops_at_its_streams_latest_row(CallbackStore(), f"sqlite-clamp-{uuid.uuid4().hex}")
+
+
+def test_the_asset_quota(callback_db):
+    check_the_asset_quota(CallbackStore(asset_quota=3), f"sqlite-quota-{uuid.uuid4().hex}")
+
+
+def test_the_asset_quota_holds_under_concurrency(callback_db):
+    check_the_asset_quota_holds_under_concurrency(CallbackStore(asset_quota=5), "sqlite-race")
+
+
+def test_the_quota_is_read_from_the_airflow_config(monkeypatch):
+    assert CallbackStore().asset_quota == DEFAULT_ASSET_QUOTA
+    monkeypatch.setenv("AIRFLOW__IMAGECB__ASSET_CALLBACK_QUOTA", "25")
+    monkeypatch.setenv("AIRFLOW__IMAGECB__ASSET_CALLBACK_QUOTA_WINDOW", "600")
+    store = CallbackStore()
+    assert (store.asset_quota, store.asset_window) == (25, 600.0)
+    monkeypatch.setenv("AIRFLOW__IMAGECB__ASSET_CALLBACK_QUOTA", "0")
+    with pytest.raises(ImageCbConfigurationError, match="must both be positive"):
+        CallbackStore()
+    monkeypatch.setenv("AIRFLOW__IMAGECB__ASSET_CALLBACK_QUOTA", "lots")
+    with pytest.raises(ImageCbConfigurationError, match="asset_callback_quota='lots' is not a number"):
+        CallbackStore()
+
+
+def test_only_what_readers_use_of_a_body_is_stored(callback_db):
+    remote_task_id = f"big-{uuid.uuid4().hex}"
+    body = {
+        "code": 200,
+        "msg": "m" * 5000,
+        "data": {
+            "taskId": remote_task_id,
+            "info": {
+                "resultImageUrl": "https://files.example/r.png",
+                "originImageUrl": "https://files.example/" + "o" * 9000,  # too long to be a URL
+                "extra": "x" * 30000,
+            },
+            "padding": ["p" * 100] * 250,
+        },
+        "padding": "q" * 10000,
+    }
+    received = datetime.now(UTC)
+    store = CallbackStore()
+    new_id = store.record(
+        NewCallback(remote_task_id, "sqlite-body", "asset", body, False, received, label="b")
+    )
+    with store.engine.connect() as conn:
+        raw = conn.execute(sa.select(callback_table.c.body).where(callback_table.c.id == new_id)).scalar_one()
+    assert len(raw.encode()) < 1200
+    assert json.loads(raw) == {
+        "code": 200,
+        "msg": "m" * MAX_MESSAGE,
+        "data": {"taskId": remote_task_id, "info": {"resultImageUrl": "https://files.example/r.png"}},
+    }
+    (row,) = store.lookup("sqlite-body", [remote_task_id])
+    assert row.code == 200
 
 
 def test_purge_removes_old_rows_and_never_reuses_their_ids(callback_db):

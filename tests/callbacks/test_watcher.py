@@ -6,13 +6,15 @@ came before the subscription, a receiver restart in the middle, and a receiver t
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import pytest
 from cbhelpers import attempts, submit, wait_until
 
+from imagecb_provider.callbacks.client import CallbackItem
 from imagecb_provider.callbacks.tokens import callback_url
-from imagecb_provider.callbacks.watcher import CallbackWatcher
+from imagecb_provider.callbacks.watcher import CallbackInbox, CallbackWatcher
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,3 +133,13 @@ async def test_an_inbox_delivers_each_task_once_and_only_its_own(
             wait_until, lambda: len(attempts(simulator, mine)) >= 2, 30, "the duplicate delivery"
         )
         assert await inbox.get(timeout=0.3) == []
+
+
+async def test_an_inbox_never_takes_a_callback_of_another_purpose():
+    """Even from a receiver that ignored the purpose filter, an asset row never reaches a waiting task."""
+    inbox = CallbackInbox(["victim"])
+    now = datetime.now(UTC)
+    inbox.put(CallbackItem(1, "victim", {}, now, True, code=200, purpose="asset", label="outside"))
+    assert await inbox.get(timeout=0.1) == []
+    inbox.put(CallbackItem(2, "victim", {}, now, True, code=200))
+    assert [item.id for item in await inbox.get(timeout=0.1)] == [2]

@@ -205,7 +205,9 @@ def test_timeout_is_retried_and_the_retry_reconnects_to_the_same_task(run_dag, i
 
 
 def test_sensor_waits_for_a_task_submitted_without_waiting(run_dag, imagecb_simulator):
-    imagecb_simulator.configure(latency=1.0)
+    # 4 s: the sensor's first poke must come before the image is done, even on a loaded machine
+    # (with 1 s, four test workers on two cores sometimes let the image finish first).
+    imagecb_simulator.configure(latency=4.0)
     with _dag("gen_sensor") as dag:
         submitted = ImageGenerateOperator(
             task_id="submit", prompt="a meadow", wait_for_completion=False, **FAST

@@ -121,6 +121,34 @@ def test_connection_extras_never_become_request_headers(monkeypatch, imagecb_sim
     assert not {"webhook_hmac_key", "callback_base_url"} & {k.lower() for k in headers}
 
 
+def test_file_hosts_are_read_and_a_bad_entry_fails_before_any_request(monkeypatch, imagecb_simulator):
+    from imagecb_provider.hooks.downloads import FileHost
+
+    def conn(file_hosts) -> None:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_IMAGECB_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "imagecb",
+                    "host": imagecb_simulator.url,
+                    "password": "test-key",
+                    "extra": {"file_hosts": file_hosts},
+                }
+            ),
+        )
+
+    conn("files.example.com, http://10.0.0.5:8080")
+    settings = ImageCbHook().settings
+    assert settings.file_hosts == (FileHost("files.example.com"), FileHost("10.0.0.5", 8080, plain_http=True))
+    assert settings.download_hosts() == (FileHost("127.0.0.1", plain_http=True), *settings.file_hosts)
+    conn(["files.example.com", "ftp://files.example.com"])
+    with pytest.raises(
+        ImageCbConfigurationError, match=r"invalid file_hosts extra: 'ftp://files\.example\.com'"
+    ):
+        ImageCbHook().fetch_file(f"{imagecb_simulator.url}/files/x.jpg")
+    assert sum(imagecb_simulator.stats()["requests"].values()) == 0
+
+
 @pytest.mark.parametrize(
     ("hook_class", "own"),
     [

@@ -34,6 +34,13 @@ def api(api_app) -> Iterator[Any]:
         yield client
 
 
+@pytest.fixture
+def viewer(api, token_for) -> Any:
+    """The client, logged in as a viewer through the ``_token`` cookie (as a browser is)."""
+    api.cookies.set("_token", token_for("viewer"))
+    return api
+
+
 @pytest.fixture(scope="module")
 def token_for(api_app) -> Callable[[str | None], str]:
     """``token_for(role)``: a JWT the API server's auth manager signed for a user of that role."""
@@ -65,8 +72,17 @@ def run_module_dag(airflow_db) -> Callable[..., Any]:
 
 
 @pytest.fixture(scope="module")
-def runs(run_module_dag, fast_simulator, tmp_path_factory) -> dict[str, Any]:
-    """Two finished runs of batch-like DAGs: ``with_report`` and ``without_report`` (see ``uihelpers``)."""
+def runs(run_module_dag, fast_simulator, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """
+    Two finished runs of batch-like DAGs: ``with_report`` and ``without_report`` (see ``uihelpers``).
+
+    The archive root ``with_report`` writes to is the one archive root configured meanwhile.
+    """
     from uihelpers import make_runs
 
-    return make_runs(run_module_dag, tmp_path_factory)
+    from imagecb_provider.ui.roots import ENV_VAR
+
+    made = make_runs(run_module_dag, tmp_path_factory)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_VAR, str(made["with_report"].root))
+        yield made

@@ -9,21 +9,12 @@ the API server's auth manager, in the ``_token`` cookie the login page sets, or 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from uihelpers import IMAGE, SECRET, Run
 
 from imagecb_provider.batch.report import run_folder_name
 
 pytestmark = pytest.mark.airflow
-
-
-@pytest.fixture
-def viewer(api, token_for) -> Any:
-    """The client, logged in as a viewer through the ``_token`` cookie (as a browser is)."""
-    api.cookies.set("_token", token_for("viewer"))
-    return api
 
 
 # ------------------------------------------------------------------ authentication

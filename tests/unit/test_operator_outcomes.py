@@ -343,7 +343,7 @@ def test_a_callback_url_outlives_the_wait_by_the_vendors_retry_window():
     op = ImageGenerateOperator(task_id="g", prompt="a cat", wait_mode="callback", timeout=3600)
     before = time.time()
     urls = _callback_urls(op, {"ti": ti}, settings, indexes=[0, 1])
-    claims = {i: CallbackToken.verify(url.rsplit("/", 1)[1], "k") for i, url in urls.items()}
+    claims = {i: CallbackToken.verify(url.rsplit("/", 1)[1]) for i, url in urls.items()}
     assert {i: c.slot for i, c in claims.items()} == {0: 0, 1: 1}
     # A late callback still wakes the task: the vendor retries after the wait has ended.
     expiry = before + 3600 + VENDOR_RETRY_WINDOW  # rounded up to a step, so a task's URLs share a grant

@@ -70,11 +70,17 @@ def test_render_times_keep_only_the_latest():
     assert times.estimate("c") == 11.0
 
 
-async def test_callbacks_end_signed_tasks_and_make_unsigned_ones_due_now():
-    """A signed callback ends its task; an unsigned one only makes its task due for a status call."""
+async def test_a_callback_signed_or_not_only_makes_its_task_due_for_one_status_call():
+    """
+    No callback body ends a task: the vendor's signature covers only the task id and the timestamp.
+
+    A signed body claiming success with an attacker's URL must not end the wait: its task is due
+    at once, and the status call (record-info) says how it ended.
+    """
+    forged = {"resultImageUrl": "https://attacker.example/x.png", "originImageUrl": ""}
 
     def item(n: int, remote_task_id: str, signed: bool) -> CallbackItem:
-        body = {"code": 200, "msg": "success", "data": {"taskId": remote_task_id, "info": {}}}
+        body = {"code": 200, "msg": "success", "data": {"taskId": remote_task_id, "info": forged}}
         return CallbackItem(n, remote_task_id, body, datetime.now(UTC), signed=signed, code=200)
 
     trigger = ImageTaskTrigger(remote_task_ids=["signed", "unsigned", "ended"], wait_mode="callback")
@@ -86,11 +92,9 @@ async def test_callbacks_end_signed_tasks_and_make_unsigned_ones_due_now():
 
     await trigger._take_callbacks(inbox, wait, pause=0.01)
 
-    assert wait.via == {"signed": "callback"}
-    assert wait.records["signed"].outcome == "success"
-    assert wait.due(now=0.0) == ["unsigned"]  # due at once, confirmed by one status call
-    assert wait.woken == {"unsigned"}
-    assert "ended" not in wait.records
+    assert not wait.records  # nothing ended from a body
+    assert sorted(wait.due(now=0.0)) == ["signed", "unsigned"]  # each confirmed by one status call
+    assert wait.woken == {"signed", "unsigned"}
 
 
 async def test_without_callbacks_the_wait_goes_back_to_polling_after_its_pause():

@@ -91,6 +91,9 @@ class AirflowStack(StackControl):
     :param stop_timeout: seconds allowed for a graceful stop before SIGKILL
     :param use_template: copy the database from a migrated template (built once, kept between
         runs) instead of migrating a new one
+    :param archive_roots: the folders (or ``s3://``, ``gs://`` prefixes) whose reports and images
+        the contact sheet may serve (``[imagecb] archive_roots``); default: the system temp dir,
+        where tests archive; ``()`` leaves the setting unset
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class AirflowStack(StackControl):
         startup_timeout: float = 180.0,
         stop_timeout: float = 5.0,
         use_template: bool = True,
+        archive_roots: Sequence[str | Path] | None = None,
     ) -> None:
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
@@ -145,6 +149,9 @@ class AirflowStack(StackControl):
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.use_template = use_template
+        # Tests archive under the temp dir (pytest's tmp_path); `env` can still set another value.
+        roots = (tempfile.gettempdir(),) if archive_roots is None else archive_roots
+        self.archive_roots = tuple(str(root) for root in roots)
 
         self.work_dir: Path | None = None
         self.database: str | None = None
@@ -278,6 +285,7 @@ class AirflowStack(StackControl):
             celery_broker=self.redis.broker_url(self.redis_index) if self.redis_index is not None else None,
             celery_result_backend=self.postgres.celery_result_backend(db),
             api_workers=self.api_workers,
+            archive_roots=self.archive_roots,
         )
         self.airflow_env = airflow_env(self.settings) | self.extra_env
         # An airflow.cfg that exists keeps each process from writing its own (with its own keys).

@@ -89,6 +89,8 @@ class StackSettings:
     :param celery_broker: the Celery broker URL (Celery only)
     :param celery_result_backend: the Celery result backend URL (Celery only)
     :param api_workers: the API server's worker processes
+    :param archive_roots: the folders and buckets the provider's contact sheet may read
+        (``[imagecb] archive_roots``); none: the setting is left unset
     """
 
     airflow_home: Path
@@ -108,6 +110,7 @@ class StackSettings:
     celery_broker: str | None = None
     celery_result_backend: str | None = None
     api_workers: int = 1
+    archive_roots: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -115,6 +118,8 @@ class StackSettings:
         return f"http://localhost:{self.api_port}"
 
 
+#: The provider's ``[imagecb] archive_roots``: where the contact sheet may read reports and images.
+ARCHIVE_ROOTS_ENV = "AIRFLOW__IMAGECB__ARCHIVE_ROOTS"
 #: Seconds after its last heartbeat that a triggerer counts as dead (Airflow's default is 30).
 TRIGGERER_HEALTH_CHECK_THRESHOLD = 15
 
@@ -156,6 +161,8 @@ def airflow_env(settings: StackSettings) -> dict[str, str]:
         # last heartbeat (every 5 s) is this old: 15 s instead of 30 s, with room for a busy machine.
         "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": str(TRIGGERER_HEALTH_CHECK_THRESHOLD),
     }
+    if settings.archive_roots:
+        env[ARCHIVE_ROOTS_ENV] = ",".join(settings.archive_roots)
     if settings.executor == "CeleryExecutor":
         env |= {
             "AIRFLOW__CELERY__BROKER_URL": settings.celery_broker or "",

@@ -6,6 +6,11 @@ Destinations are ``ObjectStoragePath``s, so the same code writes to a local fold
 A file is first written under a temporary name in the same folder and then renamed, so readers
 never see half a file; a file already present with the same checksum is not written again,
 and the manifest is keyed by (remote task id, source), so a rerun adds nothing twice.
+
+A file is named after its remote task id, which comes from outside (a result dict, a vendor
+answer): the id must be of the one strict form (:func:`~imagecb_provider.models.remote_task_id`),
+and, whatever the name, a target that would leave the destination folder is refused before a byte
+is written (see :func:`archive_target`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
 import time
 import uuid
@@ -25,10 +31,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import ObjectStoragePath
+from airflow.sdk.exceptions import AirflowFailException
 
-from imagecb_provider.exceptions import ImageCbCorruptFile, ImageCbError, ImageCbLinkExpired
+from imagecb_provider.exceptions import (
+    ImageCbCorruptFile,
+    ImageCbError,
+    ImageCbLinkExpired,
+    InvalidRemoteTaskId,
+)
 from imagecb_provider.hooks.imagecb import ImageCbHook
 from imagecb_provider.hooks.protocol import without_query
+from imagecb_provider.models import remote_task_id as checked_remote_task_id
 from imagecb_provider.models import to_iso
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -41,12 +54,90 @@ VIA_DIRECT = "direct"
 VIA_DOWNLOAD_URL = "download_url"
 VIA_RESULT_URL = "result_url"
 
+#: The files kept per remote task: ``<id>.<ext>`` for the result, ``<id>.origin.<ext>`` for the origin.
+SOURCES = ("result", "origin")
+#: Protocols of an ``ObjectStoragePath`` on local disk (a bare path has none).
+LOCAL_PROTOCOLS = ("file", "local", "")
+
 #: How each kind of image starts and ends: (content type, extension, start, end). A WebP is a
 #: RIFF container of form "WEBP" (bytes 8-11) and carries its own length, so no end marker.
 _JPEG = ("image/jpeg", "jpg", b"\xff\xd8\xff", b"\xff\xd9")
 _PNG = ("image/png", "png", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")  # the IEND chunk and its CRC
 
 log = logging.getLogger(__name__)
+
+
+class ImageCbArchiveTargetRefused(ImageCbError, AirflowFailException):
+    """
+    A file the archive will not write: its name is not a remote task id, or its path leaves the destination.
+
+    Nothing was written for it. A retry would meet the same id, so the task fails at once.
+
+    :param remote_task_id: what the file would have been named after (shown shortened, never used).
+    :param destination: the archive's destination folder.
+    :param reason: why, in words.
+    """
+
+    def __init__(self, remote_task_id: object, destination: object, reason: str) -> None:
+        self.remote_task_id = remote_task_id
+        self.destination = str(destination)
+        self.reason = reason
+        shown = repr(remote_task_id)
+        if len(shown) > 40:
+            shown = f"{shown[:37]}..."
+        super().__init__(
+            f"Refused to archive remote task id {shown} into {self.destination}: {reason}; "
+            "nothing was written"
+        )
+
+
+def archive_remote_task_id(value: object, destination: object) -> str:
+    """
+    Return ``value`` if it may name archived files, or raise :class:`ImageCbArchiveTargetRefused`.
+
+    :param value: the remote task id of a result to archive.
+    :param destination: the destination folder, for the error text.
+    """
+    try:
+        return checked_remote_task_id(value, "a result to archive")
+    except InvalidRemoteTaskId as error:
+        raise ImageCbArchiveTargetRefused(
+            value, destination, "a remote task id is 1 to 128 letters, digits, '_' or '-'"
+        ) from error
+
+
+def archive_target(destination: ObjectStoragePath, name: str, remote_task_id: object) -> ObjectStoragePath:
+    """
+    Return ``destination / name``, or raise :class:`ImageCbArchiveTargetRefused` if it leaves ``destination``.
+
+    Checked on the path itself, whatever produced the name: on local disk the target, symlinks
+    resolved, must sit directly in the resolved destination; in an object store the normalized key
+    must be the destination prefix plus this one name.
+
+    :param destination: the archive's destination folder.
+    :param name: the file name (one path segment).
+    :param remote_task_id: the id the name was made from, for the error text.
+    """
+
+    def refuse(reason: str) -> ImageCbArchiveTargetRefused:
+        return ImageCbArchiveTargetRefused(remote_task_id, destination, reason)
+
+    # A backslash is a separator to some object-store tools and to Windows: never part of a name.
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise refuse(f"the file name {name!r} is not a single path segment")
+    target = destination / name
+    if destination.protocol in LOCAL_PROTOCOLS:
+        root = os.path.realpath(destination.path)
+        resolved = os.path.realpath(target.path)
+        if os.path.dirname(resolved) != root:
+            raise refuse(f"the file would be written at {resolved}, outside {root}")
+    else:
+        root = posixpath.normpath(destination.path)
+        key = target.path
+        expected = posixpath.join(root, name)
+        if posixpath.normpath(key) != expected:
+            raise refuse(f"the object key {key!r} is not directly under {root!r}")
+    return target
 
 
 @dataclass(frozen=True)
@@ -71,7 +162,10 @@ class ArchivedFile:
 def storage_path(url: str, conn_id: str | None = None) -> ObjectStoragePath:
     """An ``ObjectStoragePath`` for a folder URL (``s3://…``, ``file://…``); a plain path means local disk."""
     if "://" not in url:
-        url = f"file://{os.path.abspath(os.path.expanduser(url))}"
+        # Joined segment by segment: parsed as a URL, a last folder named "?" or "#" (an empty
+        # query or fragment) would vanish, and the files would land in its parent.
+        parts = os.path.abspath(os.path.expanduser(url)).split("/")
+        return ObjectStoragePath("file:///", conn_id=conn_id).joinpath(*[p for p in parts if p])
     return ObjectStoragePath(url, conn_id=conn_id)
 
 
@@ -138,12 +232,20 @@ class ArchiveStore:
         request_key: str | None = None,
         fallback_url: str | None = None,
     ) -> ArchivedFile:
-        """Download, verify and write one file (idempotent: same name, same bytes, no second write)."""
+        """
+        Download, verify and write one file (idempotent: same name, same bytes, no second write).
+
+        A remote task id not of the strict form, or a target outside the destination, raises
+        :class:`ImageCbArchiveTargetRefused` and writes nothing; a bad id is refused before the download.
+        """
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r}: must be one of {', '.join(SOURCES)}")
+        remote_task_id = archive_remote_task_id(remote_task_id, self.destination)
         body, via = self.download(url, refresh_fallback=fallback_url)
         content_type, extension = sniff_image(body, without_query(url))
         digest = hashlib.sha256(body).hexdigest()
         suffix = "" if source == "result" else f".{source}"
-        target = self.destination / f"{remote_task_id}{suffix}.{extension}"
+        target = archive_target(self.destination, f"{remote_task_id}{suffix}.{extension}", remote_task_id)
         if not self._same_file_exists(target, digest):
             self._write_whole(target, body)
         return ArchivedFile(

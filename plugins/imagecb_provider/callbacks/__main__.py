@@ -6,7 +6,9 @@ on the API server (``/imagecb/callbacks/...``) with uvicorn, on Airflow's config
 database; port 0 picks a free port, and the first line printed says which.
 
 ``python -m imagecb_provider.callbacks url --label X [--conn-id C] [--expires-in-days N]`` prints
-a callback URL for an external submission, recorded under label ``X`` for the event trigger.
+a callback URL for an external submission, recorded under label ``X`` for the event trigger. It is
+signed with the keys of ``[imagecb] callback_signing_keys`` (or derived from ``[core] fernet_key``):
+run it with the configuration of the Airflow deployment whose API server receives the callbacks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from imagecb_provider.callbacks.tokens import CALLBACKS_PATH, DEFAULT_ASSET_TTL, asset_callback_url
+from imagecb_provider.exceptions import ImageCbConfigurationError
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID
 
 
@@ -51,8 +54,14 @@ def print_url(argv: Sequence[str]) -> int:
     args = _url_parser().parse_args(argv)
     from imagecb_provider.hooks.imagecb import ImageCbHook
 
-    settings = ImageCbHook(imagecb_conn_id=args.conn_id).settings
-    print(asset_callback_url(settings, args.label, expires_in=args.expires_in_days * 86400))
+    try:
+        settings = ImageCbHook(imagecb_conn_id=args.conn_id).settings
+        url = asset_callback_url(settings, args.label, expires_in=args.expires_in_days * 86400)
+    except (ImageCbConfigurationError, ValueError) as error:
+        # what to set, not a traceback (the messages never carry a key)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(url)
     return 0
 
 

@@ -104,7 +104,8 @@ class ReceiverClient:
     """
     Call the receiver's events, lookup and cursor endpoints.
 
-    :param settings: the ``imagecb`` connection (its API key signs the watch token).
+    :param settings: the ``imagecb`` connection (the watch token names it; the keys of
+        ``[imagecb] callback_signing_keys`` sign it).
     :param http: the aiohttp session to use (its connection pool is the caller's).
     :param base_url: the receiver's ``.../imagecb/callbacks`` URL; by default from the
         connection's ``callback_base_url``.

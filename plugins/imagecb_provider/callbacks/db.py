@@ -5,6 +5,11 @@ Declared under the provider info key ``db-managers``, it is run by ``airflow db 
 (and ``airflow db reset`` drops its tables), with its own alembic history and version table
 (``imagecb_alembic_version``) next to Airflow's. Without the installed provider, list it in
 ``[database] external_db_managers`` instead.
+
+A new database gets the tables of :mod:`~imagecb_provider.callbacks.schema` and is stamped with
+the head revision; one an older release made is upgraded through ``migrations/versions`` (0001
+created the tables, 0002 makes a task id unique per connection and purpose). Both must give the
+same schema: ``tests/callbacks/test_migrations.py`` and ``test_postgres.py`` compare them.
 """
 
 from __future__ import annotations

@@ -3,9 +3,13 @@
 
 A callback is checked in this order, and the first failure answers and changes nothing:
 
-1. the token (403 malformed, forged, unknown connection or wrong purpose; 410 expired);
+1. the token: its tag, with keys held in memory, before anything the token says is read or
+   looked up; then its purpose, label, connection (403, one text for every reason) and expiry
+   (410);
 2. the content type (415) and the size, refused before the body is read whole (413);
-3. the body: JSON (400) with a task id in ``data.taskId`` or ``data.task_id`` (422);
+3. the body: JSON that can be stored (400: not JSON, too deep, NUL or unpaired surrogates), with
+   a task id in ``data.taskId`` or ``data.task_id`` (422 none; 400 not of the strict form) and a
+   ``code`` and ``data.info`` of the callback's form (422);
 4. the vendor's signature when the connection has a webhook key (401 missing, stale or wrong);
 5. for a task instance token, the binding of the task id to the token's ledger slot (409);
 6. then it is recorded, and committed, before the 200 answer (503 if the database fails, so
@@ -24,6 +28,7 @@ import re
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from imagecb_provider.callbacks.schema import MAX_REMOTE_TASK_ID
+from imagecb_provider import models
 from imagecb_provider.callbacks.signing import (
     DEFAULT_REPLAY_WINDOW,
     WebhookSignatureError,
@@ -45,11 +50,13 @@ from imagecb_provider.callbacks.tokens import (
     PURPOSE_ASSET,
     PURPOSE_TI,
     PURPOSE_WATCH,
+    TOKEN_REFUSED,
     CallbackToken,
     CallbackTokenError,
     TaskInstanceRef,
+    TokenKeyring,
 )
-from imagecb_provider.exceptions import ImageCbConfigurationError
+from imagecb_provider.exceptions import ImageCbConfigurationError, InvalidRemoteTaskId
 from imagecb_provider.utils.ledger import STATE_KEY, remote_ids_of_slot
 
 if TYPE_CHECKING:
@@ -64,8 +71,13 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 64 * 1024
 MAX_LOOKUP_BODY_BYTES = 256 * 1024
 MAX_WAIT = 55.0
-CURSOR_NAME = re.compile(r"^[A-Za-z0-9_.:*-]{1,250}$")
-_TASK_ID = re.compile(r"^[\x21-\x7e]+$")
+CURSOR_NAME = re.compile(r"[A-Za-z0-9_.:*-]{1,250}")
+#: Nesting a callback body may have (the vendor's have 3 levels); deeper is refused (400) before
+#: anything recurses over it.
+MAX_JSON_DEPTH = 32
+#: A ``code`` is stored in a 32-bit column.
+_CODE_RANGE = range(-(2**31), 2**31)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 
 
 class ReceiverError(Exception):
@@ -75,13 +87,23 @@ class ReceiverError(Exception):
     :param status_code: the HTTP status to answer.
     :param detail: the reason (never contains a token, a key or the body).
     :param headers: extra response headers.
+    :param reason: what the server's log says instead of ``detail``, when the client must not
+        learn it (why a token was refused); same rules as ``detail``.
     """
 
-    def __init__(self, status_code: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        detail: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status_code = status_code
         self.detail = detail
         self.headers = dict(headers or {})
+        self.reason = reason or detail
 
 
 # ------------------------------------------------------------------------- connections
@@ -89,15 +111,18 @@ class ConnectionCache:
     """
     The ``imagecb`` connections tokens name, read through Airflow's secrets backends and cached.
 
-    Unknown connections are cached too, so a flood of tokens naming made-up connections costs one
-    lookup per name and ``ttl``. Blocking: call it from a thread.
+    Only ever asked for the connection of a token whose tag verified, so a stranger cannot steer a
+    lookup; unknown connections (deleted while their URLs are out) are cached too. At most
+    ``max_size`` entries, the least recently used dropped first. Blocking: call it from a thread.
 
     :param ttl: seconds a lookup (found or not) is reused.
+    :param max_size: connections kept at most.
     """
 
-    def __init__(self, ttl: float = 30.0) -> None:
+    def __init__(self, ttl: float = 30.0, max_size: int = 256) -> None:
         self.ttl = ttl
-        self._entries: dict[str, tuple[float, ImageCbConnectionSettings | None]] = {}
+        self.max_size = max_size
+        self._entries: OrderedDict[str, tuple[float, ImageCbConnectionSettings | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, conn_id: str) -> ImageCbConnectionSettings:
@@ -113,6 +138,9 @@ class ConnectionCache:
         settings = self._load(conn_id)
         with self._lock:
             self._entries[conn_id] = (time.monotonic(), settings)
+            self._entries.move_to_end(conn_id)
+            while len(self._entries) > self.max_size:
+                self._entries.popitem(last=False)
         return self._known(settings)
 
     def cached(self, conn_id: str) -> ImageCbConnectionSettings | None:
@@ -123,14 +151,20 @@ class ConnectionCache:
         """
         with self._lock:
             entry = self._entries.get(conn_id)
-        if entry is None or time.monotonic() - entry[0] > self.ttl:
+            if entry is not None and time.monotonic() - entry[0] > self.ttl:
+                del self._entries[conn_id]
+                entry = None
+            if entry is not None:
+                self._entries.move_to_end(conn_id)
+        if entry is None:
             return None
         return self._known(entry[1])
 
     @staticmethod
     def _known(settings: ImageCbConnectionSettings | None) -> ImageCbConnectionSettings:
         if settings is None:
-            raise ReceiverError(403, "callback token names an unknown connection")
+            # the same answer as a forged token: a URL holder learns nothing about connections
+            raise ReceiverError(403, TOKEN_REFUSED, reason="the token names an unknown connection")
         return settings
 
     @staticmethod
@@ -218,7 +252,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     """
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        # ASCII digits only: str.isdigit() is also true of "²", on which int() raises
+        if not _CONTENT_LENGTH.fullmatch(declared.strip()):
             raise ReceiverError(400, "Content-Length is not a number")
         if int(declared) > limit:
             raise ReceiverError(413, f"the body is larger than {limit} bytes")
@@ -231,27 +266,89 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Parse a body that must be a JSON object (400 otherwise)."""
+    """
+    Parse a body that must be a JSON object that can be stored as it is (400 otherwise).
+
+    Refused: not JSON (or not UTF-8), ``NaN`` and ``Infinity``, numbers of more than 4300
+    digits, nesting deeper than :data:`MAX_JSON_DEPTH`, and text with NUL characters or unpaired
+    surrogates (which no database column takes).
+    """
     try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        parsed = json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ReceiverError(400, "the body is nested too deeply") from None
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError and int()'s digit limit included
         raise ReceiverError(400, "the body is not valid JSON") from None
     if not isinstance(parsed, dict):
         raise ReceiverError(400, "the body is not a JSON object")
+    _check_tree(parsed)
     return parsed
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_tree(value: Any) -> None:
+    """Walk a parsed body without recursion; refuse it if too deep or if it holds unstorable text."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ReceiverError(400, "the body is nested too deeply")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _check_text(item)
+
+
+def _check_text(text: str) -> None:
+    if text.isascii() and "\x00" not in text:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReceiverError(400, "the body has an unpaired surrogate") from None
+    if "\x00" in text:
+        raise ReceiverError(400, "the body has a NUL character")
+
+
 def remote_task_id_of(body: Mapping[str, Any]) -> str:
-    """Return the task id of a callback body, from ``data.taskId`` or ``data.task_id`` (422 otherwise)."""
+    """
+    Return the task id of a callback body, from ``data.taskId`` or ``data.task_id``.
+
+    :raises ReceiverError: 422 when there is none, 400 when it is not of the one strict form
+        (:func:`imagecb_provider.models.remote_task_id`).
+    """
     data = body.get("data")
     if not isinstance(data, Mapping):
         raise ReceiverError(422, "the body has no data object")
-    value = next((v for v in (data.get("taskId"), data.get("task_id")) if v not in (None, "")), None)
-    if value is None:
-        raise ReceiverError(422, "the body has no data.taskId")
-    if not isinstance(value, str) or len(value) > MAX_REMOTE_TASK_ID or not _TASK_ID.match(value):
-        raise ReceiverError(422, "data.taskId is not a task id")
-    return value
+    for key in ("taskId", "task_id"):
+        value = data.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            return models.remote_task_id(value, "a callback body")
+        except InvalidRemoteTaskId:
+            # the field's name only: the value is the sender's, and is neither echoed nor logged
+            raise ReceiverError(
+                400, f"data.{key} is not a task id (1 to 128 letters, digits, _ or -)"
+            ) from None
+    raise ReceiverError(422, "the body has no data.taskId")
+
+
+def check_callback_fields(body: Mapping[str, Any]) -> None:
+    """Refuse (422) a body whose ``code`` or ``data.info`` cannot be read as a callback's (``TaskRecord``)."""
+    try:
+        code = models.TaskRecord.from_callback(body).code
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        raise ReceiverError(422, "the body's code or data.info is not of the callback's form") from None
+    if code is not None and code not in _CODE_RANGE:
+        raise ReceiverError(422, "the body's code is out of range")
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
@@ -275,6 +372,8 @@ class CallbackReceiver:
     :param poll_interval: seconds between two reads of the latest id while long-polls wait.
     :param db_threads: threads for database work (the event loop never blocks on it).
     :param clock: returns the current Unix time (for tests).
+    :param keyring: the keys tokens are verified with (Airflow's configuration, read at each
+        request, by default).
     """
 
     def __init__(
@@ -288,6 +387,7 @@ class CallbackReceiver:
         poll_interval: float = DEFAULT_INTERVAL,
         db_threads: int = 8,
         clock: Callable[[], float] = time.time,
+        keyring: TokenKeyring | None = None,
     ) -> None:
         self.store = store or CallbackStore()
         self.connections = connections or ConnectionCache()
@@ -296,6 +396,8 @@ class CallbackReceiver:
         self.replay_window = replay_window
         self.poll_interval = poll_interval
         self.clock = clock
+        self.keyring = keyring
+        self._keyring_missing_logged = False
         self._executor = ThreadPoolExecutor(db_threads, thread_name_prefix="imagecb-callbacks")
         self._tails: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tail] = weakref.WeakKeyDictionary()
 
@@ -327,17 +429,34 @@ class CallbackReceiver:
     async def authenticate(
         self, token: str, purposes: tuple[str, ...]
     ) -> tuple[CallbackToken, ImageCbConnectionSettings]:
-        """Verify a token for one of ``purposes``; 403 or 410 (or 503) otherwise."""
+        """
+        Verify a token for one of ``purposes``, then read the connection it names.
+
+        The tag is checked first, with keys held in memory: a forged token costs one HMAC and
+        no lookup. Every refusal answers 403 with the same text (410 for an authentic token past
+        its expiry); 503 when no signing key is configured or the connection cannot be read.
+        """
+        keyring = self.signing_keys()
         try:
-            conn_id = CallbackToken.connection_of(token)
+            claims = CallbackToken.verify(token, keyring, purposes=purposes, now=self.clock())
         except CallbackTokenError as error:
-            raise ReceiverError(error.status_code, str(error)) from None
-        settings = self.connections.cached(conn_id) or await self.in_thread(self.connections.get, conn_id)
-        try:
-            claims = CallbackToken.verify(token, settings.api_key, purposes=purposes, now=self.clock())
-        except CallbackTokenError as error:
-            raise ReceiverError(error.status_code, str(error)) from None
+            raise ReceiverError(error.status_code, str(error), reason=f"{error} ({error.reason})") from None
+        settings = self.connections.cached(claims.conn_id) or await self.in_thread(
+            self.connections.get, claims.conn_id
+        )
         return claims, settings
+
+    def signing_keys(self) -> TokenKeyring:
+        """Return the keyring tokens are verified with (503 when none is configured)."""
+        if self.keyring is not None:
+            return self.keyring
+        try:
+            return TokenKeyring.from_config()
+        except ImageCbConfigurationError as error:
+            if not self._keyring_missing_logged:  # once: every request would say it again
+                self._keyring_missing_logged = True
+                log.error("Refusing every callback token: %s", error)
+            raise ReceiverError(503, "the receiver cannot verify callback tokens now") from None
 
     async def authenticate_watcher(self, headers: Mapping[str, str]) -> CallbackToken:
         """Verify the ``watch`` bearer token of an events request (401 otherwise)."""
@@ -347,7 +466,10 @@ class CallbackReceiver:
             if error.status_code == 503:
                 raise
             raise ReceiverError(
-                401, "the watch bearer token is not valid", {"WWW-Authenticate": "Bearer"}
+                401,
+                "the watch bearer token is not valid",
+                {"WWW-Authenticate": "Bearer"},
+                reason=f"the watch bearer token is not valid ({error.reason})",
             ) from None
         return claims
 
@@ -358,6 +480,7 @@ class CallbackReceiver:
         check_json_content_type(request.headers)
         body = parse_json_object(await read_body(request, self.max_body_bytes))
         remote_task_id = remote_task_id_of(body)
+        check_callback_fields(body)
         signed = self._check_signature(settings, remote_task_id, request.headers)
         callback = self._new_callback(claims, body, remote_task_id, signed)
         new_id = await self.in_thread(self._bind_and_record, claims, callback)
@@ -390,10 +513,16 @@ class CallbackReceiver:
         return True
 
     def _bind_and_record(self, claims: CallbackToken, callback: NewCallback) -> int | None:
-        """Check a ``ti`` callback against its ledger slot (409), then record it; one thread hop."""
+        """Check a ``ti`` callback against its ledger slot (409), then record it (429 over quota); one hop."""
+        from imagecb_provider.callbacks.store import AssetQuotaExceeded
+
         if claims.purpose == PURPOSE_TI:
             self._check_binding(claims, callback.remote_task_id)
-        return self.store.record(callback)
+        try:
+            return self.store.record(callback)
+        except AssetQuotaExceeded as error:
+            # the vendor retries a 429; the label names the URL its holder already has
+            raise ReceiverError(429, str(error), {"Retry-After": str(error.retry_after)}) from None
 
     def _check_binding(self, claims: CallbackToken, remote_task_id: str) -> None:
         if claims.ti is None or claims.slot is None:
@@ -464,13 +593,23 @@ class CallbackReceiver:
                 return {"items": [], "cursor": cursor}
 
     async def lookup(self, claims: CallbackToken, request: Request) -> dict[str, Any]:
-        """Return the callbacks already recorded for some remote task ids (``{"remote_task_ids": [...]}``)."""
+        """
+        Return the callbacks already recorded for some remote task ids (``{"remote_task_ids": [...]}``).
+
+        Only ``ti`` callbacks, what waiting tasks look up, unless the body asks for ``"purpose":
+        "asset"``: a task id an ``asset`` URL recorded never reaches a waiting task.
+        """
         check_json_content_type(request.headers)
         body = parse_json_object(await read_body(request, MAX_LOOKUP_BODY_BYTES))
         ids = body.get("remote_task_ids")
         if not isinstance(ids, list) or len(ids) > MAX_LOOKUP or not all(isinstance(i, str) for i in ids):
             raise ReceiverError(422, f"remote_task_ids must be a list of at most {MAX_LOOKUP} strings")
-        items = await self.in_thread(self.store.lookup, claims.conn_id, ids)
+        purpose = body.get("purpose", PURPOSE_TI)
+        if purpose not in (PURPOSE_TI, PURPOSE_ASSET):
+            raise ReceiverError(422, "purpose must be ti or asset")
+        # an id of another form is never recorded: it matches nothing and need not reach the database
+        ids = [i for i in ids if models.REMOTE_TASK_ID.fullmatch(i)]
+        items = await self.in_thread(partial(self.store.lookup, claims.conn_id, ids, purpose=purpose))
         return {"items": [item.to_json() for item in items]}
 
     async def cursor(self, claims: CallbackToken, name: str) -> dict[str, Any]:
@@ -479,7 +618,7 @@ class CallbackReceiver:
         return {"name": name, "position": await self.in_thread(self.store.cursor, claims.conn_id, name)}
 
     async def advance_cursor(self, claims: CallbackToken, name: str, request: Request) -> dict[str, Any]:
-        """Move a consumer's position forward (``{"position": n}``); it never moves back."""
+        """Move a consumer's position forward (``{"position": n}``): never back, nor past its stream's end."""
         _check_cursor_name(name)
         check_json_content_type(request.headers)
         position = parse_json_object(await read_body(request, 1024)).get("position")
@@ -495,5 +634,5 @@ class CallbackReceiver:
 
 
 def _check_cursor_name(name: str) -> None:
-    if not CURSOR_NAME.match(name):
+    if not CURSOR_NAME.fullmatch(name):
         raise ReceiverError(422, "a cursor name is 1 to 250 letters, digits or _.:*-")

@@ -1,10 +1,11 @@
 """
 The provider's tables in the Airflow metadata database (SQLAlchemy Core).
 
-``imagecb_callback`` holds one row per remote task (a duplicate delivery is not recorded
-again); its ``id`` is the global cursor that waiters read from. ``imagecb_callback_cursor``
-holds the positions consumers (the event trigger) have durably reached. Both are created by
-:class:`~imagecb_provider.callbacks.db.CallbackDBManager` (``airflow db migrate``).
+``imagecb_callback`` holds one row per connection, purpose and remote task (a duplicate delivery
+is not recorded again); its ``id`` is the global cursor that waiters read from.
+``imagecb_callback_cursor`` holds the positions consumers (the event trigger) have durably
+reached. Both are created by :class:`~imagecb_provider.callbacks.db.CallbackDBManager`
+(``airflow db migrate``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ CURSOR_TABLE = "imagecb_callback_cursor"
 VERSION_TABLE = "imagecb_alembic_version"
 #: Longest remote task id accepted (the vendor's are 32 hex characters).
 MAX_REMOTE_TASK_ID = 128
+#: A task id is unique per connection and purpose only: an ``asset`` URL (handed to systems outside
+#: Airflow) recording a task id first must not turn the real ``ti`` callback into a "duplicate".
+UNIQUE_TASK = "imagecb_callback_task_uq"
 
 metadata = sa.MetaData()
 
@@ -41,8 +45,10 @@ callback_table = sa.Table(
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("signed", sa.Boolean, nullable=False),
     sa.Column("received_at", UtcDateTime, nullable=False),
-    sa.UniqueConstraint("remote_task_id", name="imagecb_callback_remote_task_id_uq"),
+    sa.UniqueConstraint("conn_id", "purpose", "remote_task_id", name=UNIQUE_TASK),
     sa.Index("idx_imagecb_callback_received_at", "received_at"),
+    # counts the asset callbacks of a label in the quota window (only asset rows have a label)
+    sa.Index("idx_imagecb_callback_label", "conn_id", "label", "received_at"),
     sqlite_autoincrement=True,
 )
 

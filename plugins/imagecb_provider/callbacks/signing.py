@@ -13,12 +13,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 
 TIMESTAMP_HEADER = "X-Webhook-Timestamp"
 SIGNATURE_HEADER = "X-Webhook-Signature"
 #: Seconds a signed callback's timestamp may differ from this server's clock, either way.
 DEFAULT_REPLAY_WINDOW = 300.0
+#: Unix seconds in ASCII digits: ``str.isdigit()`` is also true of "²" and "١٢٣", on which
+#: ``int()`` raises or reads another script's digits.
+_UNIX_SECONDS = re.compile(r"[0-9]{1,12}")
 
 
 class WebhookSignatureError(Exception):
@@ -56,7 +60,7 @@ def check_webhook_signature(
     signature = (headers.get(SIGNATURE_HEADER) or "").strip()
     if not timestamp or not signature:
         raise WebhookSignatureError("callback is not signed but the connection has a webhook key")
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    if not _UNIX_SECONDS.fullmatch(timestamp):
         raise WebhookSignatureError("callback timestamp is not Unix seconds")
     if abs(now - int(timestamp)) > window:
         raise WebhookSignatureError("callback timestamp is outside the accepted window")

@@ -4,7 +4,9 @@
 One per server process and event loop. While at least one long-poll waits, a single task asks the
 database for the largest callback id a few times a second (callbacks recorded by other API-server
 replicas show up this way); a callback recorded by this process wakes its waiters at once. A
-waiter only queries its own rows when the largest id moved past its cursor.
+waiter only queries its own rows when the largest id moved past its cursor. The tail carries ids,
+never rows: a waiter woken by a row of another connection, purpose or label reads nothing of it
+(its query is filtered) and waits again from the new cursor.
 """
 
 from __future__ import annotations

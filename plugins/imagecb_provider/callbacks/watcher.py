@@ -20,6 +20,9 @@ Nothing is lost between the pieces:
   recorded since. It never raises into a trigger, which keeps a slow safety-net poll of the API
   for a callback that was lost for good.
 * **Nobody waiting.** The loop stops a few seconds after the last subscriber leaves.
+* **Only ``ti`` callbacks.** The long-poll and the lookup ask for callbacks of ``ti`` URLs only,
+  and an inbox drops any other: a task id recorded through an ``asset`` URL, which is handed to
+  systems outside Airflow, never wakes a waiting task.
 
 Watch tokens are minted in memory from the connection and sent only in a header.
 """
@@ -37,7 +40,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from imagecb_provider.callbacks.client import Backoff, CallbackItem, ReceiverClient, ReceiverUnavailable
-from imagecb_provider.callbacks.tokens import receiver_url
+from imagecb_provider.callbacks.tokens import PURPOSE_TI, receiver_url
 
 if TYPE_CHECKING:
     from imagecb_provider.hooks.imagecb import ImageCbConnectionSettings
@@ -67,7 +70,9 @@ class CallbackInbox:
         self._arrived = asyncio.Event()
 
     def put(self, item: CallbackItem) -> None:
-        """Deliver ``item`` unless this inbox already has a callback for its task id."""
+        """Deliver ``item`` unless this inbox already has a callback for its task id, or it is not ``ti``."""
+        if item.purpose != PURPOSE_TI:
+            return  # a receiver that ignored the purpose filter: never hand an asset row to a task
         if item.remote_task_id in self.received or item.remote_task_id not in self.remote_task_ids:
             return
         self.received[item.remote_task_id] = item
@@ -242,7 +247,7 @@ class CallbackWatcher:
                 if self._cursor is None:
                     self._cursor = await client.tail()
                     self._ready.set()
-                items, cursor = await client.events(self._cursor, wait=self.wait)
+                items, cursor = await client.events(self._cursor, wait=self.wait, purpose=PURPOSE_TI)
             except ReceiverUnavailable as error:
                 await self._pause(backoff, "long-poll", error)
                 continue

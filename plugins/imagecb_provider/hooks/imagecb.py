@@ -4,7 +4,8 @@ Hooks for the image API: ``ImageCbHook`` for workers, ``ImageCbAsyncHook`` for t
 They own every byte that goes to the API. Both read the ``imagecb`` connection through one
 :class:`ImageCbConnectionSettings`, speak through :func:`~.protocol.parse_envelope` and retry
 through one :class:`~.protocol.RetryPolicy`, so the two never disagree about what an answer
-means.
+means. File downloads go through :func:`~.downloads.download`, which fetches only from the hosts
+the connection allows.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ from imagecb_provider.exceptions import (
     ImageCbApiError,
     ImageCbConfigurationError,
     ImageCbConnectionError,
-    ImageCbCorruptFile,
-    ImageCbLinkExpired,
     ImageCbProtocolError,
     ImageCbSubmissionUncertain,
 )
+from imagecb_provider.hooks.downloads import FileHost, allowed_file_hosts, download, parse_file_hosts
 from imagecb_provider.hooks.protocol import (
     CREDIT_PATH,
     DEFAULT_BASE_URL,
@@ -47,19 +47,16 @@ from imagecb_provider.hooks.protocol import (
     GENERATE_PATH,
     RECORD_INFO_PATH,
     RETRYABLE_ERRORS,
+    USER_AGENT,
     RetryPolicy,
-    error_for,
     parse_envelope,
     without_query,
 )
-from imagecb_provider.models import GenerationRequest, TaskRecord
+from imagecb_provider.models import GenerationRequest, TaskRecord, remote_task_id
 
 CONN_TYPE = "imagecb"
 DEFAULT_CONN_ID = "imagecb_default"
-USER_AGENT = "airflow-provider-imagecb"
 MAX_FILE_BYTES = 64 * 1024 * 1024
-#: What an expired or foreign pre-signed link answers; anything else 4xx is a real error.
-LINK_REFUSED_STATUSES = frozenset({401, 403, 404, 410})
 
 
 @dataclass(frozen=True)
@@ -69,6 +66,21 @@ class ImageCbConnectionSettings:
 
     The keys are excluded from ``repr`` and registered with Airflow's secrets masker, so a log
     line or a traceback that happens to include them shows ``***``.
+
+    Where files are downloaded from (:meth:`download_hosts`), for every link and every redirect:
+
+    * the connection's own API host (any port), over https, and over plain http when the
+      connection itself uses http (the simulator serves its files from its own host);
+    * when the connection uses the vendor's API (host empty or ``https://api.kie.ai``), the
+      vendor's file hosts, :data:`~imagecb_provider.hooks.downloads.VENDOR_FILE_HOSTS`
+      (``tempfile.aiquickdraw.com``, ``*.r2.cloudflarestorage.com``);
+    * the hosts of the ``file_hosts`` extra, added to those: a list, or a comma-separated
+      string, of ``host``, ``host:port`` or ``*.domain`` (any subdomain), https only; prefix an
+      entry with ``http://`` to allow plain http for it.
+
+    A host's addresses must be public (not loopback, private, link-local, multicast, reserved or
+    unspecified) unless the connection names that exact host: its own API host or a ``file_hosts``
+    entry without ``*``. A wildcard or a vendor host that resolves to such an address is refused.
     """
 
     conn_id: str
@@ -78,6 +90,7 @@ class ImageCbConnectionSettings:
     webhook_hmac_key: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
     submissions_per_10s: float = DEFAULT_SUBMISSIONS_PER_10S
+    file_hosts: tuple[FileHost, ...] = ()
 
     @classmethod
     def from_connection(cls, conn: Any) -> ImageCbConnectionSettings:
@@ -88,6 +101,13 @@ class ImageCbConnectionSettings:
                 f"Connection {conn.conn_id!r} has no API key: put the key in the connection's password field"
             )
         hmac_key = extra.get("webhook_hmac_key") or None
+        try:
+            file_hosts = parse_file_hosts(extra.get("file_hosts"))
+        except ValueError as error:
+            raise ImageCbConfigurationError(
+                f"Connection {conn.conn_id!r} has an invalid file_hosts extra: {error}; give hosts such as "
+                '"files.example.com", "files.example.com:8443", "*.example.com" or "http://10.0.0.5:8080"'
+            ) from None
         mask_secret(api_key)
         if hmac_key:
             mask_secret(hmac_key)
@@ -104,7 +124,12 @@ class ImageCbConnectionSettings:
                 extra.get("submissions_per_10s"),
                 DEFAULT_SUBMISSIONS_PER_10S,
             ),
+            file_hosts=file_hosts,
         )
+
+    def download_hosts(self) -> tuple[FileHost, ...]:
+        """Every host this connection downloads files from (see the class docstring)."""
+        return allowed_file_hosts(self.base_url, self.file_hosts)
 
     def headers(self) -> dict[str, str]:
         """Every header a call sends but the key (that one travels through :class:`BearerAuth`)."""
@@ -118,12 +143,13 @@ class ImageCbConnectionSettings:
         The same error with the keys blanked out of the vendor's message.
 
         The message is the vendor's text, shown as is; a proxy or a misbehaving API could echo
-        the request into it, and exception texts reach task logs and the UI.
+        the request into it, and exception texts reach task logs and the UI. The query of any
+        link it quotes goes too (a pre-signed file link sent to download-url).
         """
         secrets = [s for s in (self.api_key, self.webhook_hmac_key) if s]
-        if not any(secret in error.msg for secret in secrets):
+        msg = without_query(error.msg)
+        if msg == error.msg and not any(secret in msg for secret in secrets):
             return error
-        msg = error.msg
         for secret in secrets:
             msg = msg.replace(secret, "***")
         return type(error)(error.code, msg, error.endpoint, retry_after=error.retry_after)
@@ -184,7 +210,9 @@ class ImageCbHook(BaseHook):
     :param imagecb_conn_id: the ``imagecb`` connection: host = base URL (empty means
         ``https://api.kie.ai``), password = API key, extras ``timeout`` (seconds per request),
         ``submissions_per_10s`` (the account's rate limit), ``callback_base_url`` and
-        ``webhook_hmac_key`` (callback mode).
+        ``webhook_hmac_key`` (callback mode), ``file_hosts`` (where files may be downloaded
+        from besides the API host and the vendor's file hosts: see
+        :class:`ImageCbConnectionSettings`).
     :param retry_policy: how transient errors (429, 455, 5xx, network) are retried.
     """
 
@@ -242,8 +270,11 @@ class ImageCbHook(BaseHook):
             raise ImageCbProtocolError(
                 f"imagecb API accepted a submission on {GENERATE_PATH} but gave no taskId"
             )
+        # The id becomes a file name, a URL part and a key: one of any other form is refused
+        # (InvalidRemoteTaskId) before it is logged or used.
+        task_id = remote_task_id(task_id, "the submit answer")
         self.log.info("Submitted image task %s (%s)", task_id, request.model or "default model")
-        return str(task_id)
+        return task_id
 
     def get_task(self, task_id: str) -> TaskRecord:
         """The task's current record (state, outcome, URLs)."""
@@ -265,31 +296,25 @@ class ImageCbHook(BaseHook):
         Download a generated file; returns its bytes and content type.
 
         Sent without the API key: file links are pre-signed and may live on another host, which
-        must never see the key. A refused or expired link raises :class:`ImageCbLinkExpired` at
-        once (ask for a fresh link instead); network errors and 5xx are retried.
+        must never see the key. Only the hosts the connection allows are fetched from, on every
+        redirect too (see :class:`ImageCbConnectionSettings`); any other link raises
+        :class:`~.downloads.ImageCbDownloadRefused` at once. A refused or expired link raises
+        :class:`ImageCbLinkExpired` at once (ask for a fresh link instead); network errors and
+        5xx are retried.
 
         :param url: the file's link.
         :param max_bytes: refuse a larger file while it downloads (default :data:`MAX_FILE_BYTES`).
         """
         limit = MAX_FILE_BYTES if max_bytes is None else max_bytes
-        return self.retry_policy.retrying(RETRYABLE_ERRORS)(self._fetch_once, url, limit)
-
-    def _fetch_once(self, url: str, max_bytes: int) -> tuple[bytes, str]:
-        shown = without_query(url)
-        try:
-            with requests.get(url, timeout=self.settings.timeout, stream=True) as response:
-                if response.status_code in LINK_REFUSED_STATUSES:
-                    raise ImageCbLinkExpired(f"The link to {shown} was refused (HTTP {response.status_code})")
-                if response.status_code >= 400:
-                    raise error_for(response.status_code, response.reason or "", shown)
-                body = bytearray()
-                for chunk in response.iter_content(chunk_size=256 * 1024):
-                    body.extend(chunk)
-                    if len(body) > max_bytes:
-                        raise ImageCbCorruptFile(f"The file at {shown} exceeds {max_bytes} bytes")
-                return bytes(body), response.headers.get("Content-Type", "")
-        except requests.RequestException as error:
-            raise ImageCbConnectionError(f"Could not download {shown}: {error}") from error
+        settings = self.settings
+        return self.retry_policy.retrying(RETRYABLE_ERRORS)(
+            download,
+            url,
+            settings.download_hosts(),
+            conn_id=settings.conn_id,
+            timeout=settings.timeout,
+            max_bytes=limit,
+        )
 
     def test_connection(self) -> tuple[bool, str]:
         """What the UI's Test button calls: one authenticated, free call (the credit balance), no retries."""

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
@@ -38,6 +39,7 @@ from imagecb_provider.exceptions import (
 )
 
 DEFAULT_BASE_URL = "https://api.kie.ai"
+USER_AGENT = "airflow-provider-imagecb"
 DEFAULT_TIMEOUT = 30.0
 #: The vendor's documented account limit: about 20 new generation requests per 10 seconds.
 DEFAULT_SUBMISSIONS_PER_10S = 20.0
@@ -68,9 +70,24 @@ def error_for(code: int, msg: str, endpoint: str, retry_after: float | None = No
     return cls(code, msg, endpoint, retry_after=retry_after)
 
 
-def without_query(url: str) -> str:
-    """A URL fit for a message or a log: pre-signed links carry their token in the query."""
-    return url.partition("?")[0]
+# A query string inside a text: a "?" that ends a word's path ("x.jpg?", "/p?") and the rest of
+# that word, up to a space, a quote or a bracket. Prose ("ok? yes") has a space after its "?".
+_QUERY = re.compile(r"""(?<=\S)\?[^\s"'<>()\[\]{}]+""")
+
+
+def without_query(text: str) -> str:
+    """
+    Return a URL, or a text holding URLs, fit for a message or a log: every query string dropped.
+
+    Pre-signed file links carry their signature in the query (``X-Amz-Signature=...``). This is the
+    one helper every message or log line that may hold a file link goes through: the hooks' errors,
+    the retry log, the archive's lines.
+
+    :param text: one URL (all after its first ``?`` goes), or any text (the query of each URL in it goes).
+    """
+    if not any(c.isspace() for c in text):
+        return text.partition("?")[0]
+    return _QUERY.sub("", text)
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -179,9 +196,10 @@ class RetryPolicy:
 
     def _log_retry(self, retry_state: RetryCallState) -> None:
         # before_sleep runs once tenacity has the attempt's outcome and the next wait
+        # The error text may hold a file link: never its pre-signed query.
         log.warning(
             "imagecb API call failed (%s); attempt %d of %d, retrying in %.1f s",
-            retry_state.outcome.exception(),
+            without_query(str(retry_state.outcome.exception())),
             retry_state.attempt_number,
             self.max_attempts,
             retry_state.next_action.sleep,

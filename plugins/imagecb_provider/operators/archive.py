@@ -21,7 +21,14 @@ from urllib.parse import urlsplit
 
 from airflow.sdk import Asset, BaseOperator
 
-from imagecb_provider.batch.archive import MANIFEST_NAME, ArchivedFile, ArchiveRun, ArchiveStore, storage_path
+from imagecb_provider.batch.archive import (
+    MANIFEST_NAME,
+    ArchivedFile,
+    ArchiveRun,
+    ArchiveStore,
+    archive_remote_task_id,
+    storage_path,
+)
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.models import Outcome, request_key
 
@@ -97,6 +104,11 @@ class ImageArchiveOperator(BaseOperator):
         ``partial(outlets=[asset], asset=asset)`` so that the scheduler knows it.
     :return: the successful results, each with ``files``: path, sha256, bytes, content_type,
         source (``result`` or ``origin``) and ``fetched_via``. A single result in, a single out.
+
+    Files are named after the results' remote task ids: a successful result whose ``task_id`` is
+    not of the strict form (1 to 128 letters, digits, ``_`` or ``-``) fails the task with
+    :class:`~imagecb_provider.batch.archive.ImageCbArchiveTargetRefused` before anything is
+    downloaded or written, and so does any file whose path would leave ``destination``.
     """
 
     template_fields: Sequence[str] = (
@@ -155,6 +167,8 @@ class ImageArchiveOperator(BaseOperator):
             "Archiving %d successful result(s) of %d into %s", len(successes), len(results), self.destination
         )
         kept = self.store.kept()
+        # Every id is checked here, before the first download: a forged result fails the task
+        # whole with nothing written, not after the other results' files were kept unrecorded.
         jobs = [job for result in successes for job in self._jobs(result)]
         todo = [job for job in jobs if (job["remote_task_id"], job["source"]) not in kept]
         # The hook's calls are stateless (a session per thread), so the threads share it.
@@ -205,7 +219,7 @@ class ImageArchiveOperator(BaseOperator):
 
     def _jobs(self, result: dict[str, Any]) -> list[dict[str, Any]]:
         common = {
-            "remote_task_id": result["task_id"],
+            "remote_task_id": archive_remote_task_id(result.get("task_id"), self.store.destination),
             "prompt": result.get("prompt"),
             "request_key": request_key(result.get("request") or {}),
         }

@@ -115,7 +115,8 @@ class ImageGenerateOperator(_GenerateBase):
     :param resubmit_outcomes: outcomes (e.g. ``["internal_error"]``) after which the request is
         submitted once more within the same try.
     :param wait_for_completion: ``False`` submits only and returns the remote task id, for an
-        ``ImageTaskSensor`` downstream.
+        ``ImageTaskSensor`` downstream. A submission that ends uncertain (its answer lost or not
+        usable) has no id to return: it raises with ``failure_mode="raise"``, else returns ``None``.
     :return: the result dict, or the remote task id without waiting.
     """
 
@@ -173,6 +174,10 @@ class ImageGenerateOperator(_GenerateBase):
     def execute(self, context: Context) -> Any:
         if not self.wait_for_completion:
             entry = self.generate(context, submit=False)
+            if entry.slots[0].outcome == Outcome.SUBMISSION_UNCERTAIN:
+                # No id to hand on to a sensor: report the outcome (raised with failure_mode="raise").
+                self._finish(context, entry)
+                return None
             return entry.slots[0].remote_task_id
         return self.generate(context)
 

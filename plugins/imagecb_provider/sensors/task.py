@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
+from imagecb_provider.exceptions import ImageCbConfigurationError, InvalidRemoteTaskId
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
-from imagecb_provider.models import Outcome, TaskRecord, build_result
+from imagecb_provider.models import Outcome, TaskRecord, build_result, remote_task_id
 from imagecb_provider.triggers.task import EVENT_ERROR
 from imagecb_provider.utils.waiting import (
     ImageTaskWaitMixin,
@@ -38,7 +39,8 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
     """
     Wait until the remote task ``remote_task_id`` ends, then return its result.
 
-    :param remote_task_id: the API's task id (templated, e.g. an upstream XCom).
+    :param remote_task_id: the API's task id (templated, e.g. an upstream XCom): 1 to 128 letters,
+        digits, ``_`` or ``-``. Any other rendered value fails the task at once, before any status call.
     :param imagecb_conn_id: the ``imagecb`` connection.
     :param poke_interval: seconds between status calls (default 30; 300 in callback mode, where
         polling is only the safety net).
@@ -85,7 +87,18 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
     def hook(self) -> ImageCbHook:
         return ImageCbHook(imagecb_conn_id=self.imagecb_conn_id)
 
+    def _checked_remote_task_id(self) -> str:
+        """Return the rendered ``remote_task_id``, or fail with :class:`ImageCbConfigurationError`."""
+        try:
+            return remote_task_id(self.remote_task_id, "the rendered remote_task_id of ImageTaskSensor")
+        except InvalidRemoteTaskId as error:
+            # A retry would render the same value: fail at once (a configuration error), no status call.
+            raise ImageCbConfigurationError(
+                f"Invalid remote_task_id: {error}. Fix the template or the upstream value"
+            ) from error
+
     def execute(self, context: Context) -> Any:
+        self._checked_remote_task_id()
         if not self.deferrable:
             return super().execute(context)
         return self.wait_for_remote_tasks(
@@ -96,7 +109,7 @@ class ImageTaskSensor(ImageTaskWaitMixin, BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> PokeReturnValue | bool:
-        record = self.hook.get_task(self.remote_task_id)
+        record = self.hook.get_task(self._checked_remote_task_id())
         self._polls += 1
         self.log.info(
             "Image task %s is %s (status call %d)", self.remote_task_id, record.state.value, self._polls

@@ -16,6 +16,11 @@ the event again (at least once, never lost); one that restarts after it starts p
 watching a label for the first time starts at the beginning of that label's record, so callbacks
 that arrived before the DAG was deployed are not missed. All triggers of one connection and label
 in a triggerer share one long-poll.
+
+An event says only that a callback *claiming* to be about a remote task arrived: an asset callback
+URL is handed to systems outside Airflow and valid for 30 days, so whoever holds one can post any
+body to it. :func:`result_from_event` therefore reads the task's outcome and file links from the
+API (one record-info call), never from the event.
 """
 
 from __future__ import annotations
@@ -32,15 +37,15 @@ from airflow.triggers.shared_stream import AdvanceItem, SharedStreamProducer
 
 from imagecb_provider.callbacks.client import Backoff, CallbackItem, ReceiverClient, ReceiverUnavailable
 from imagecb_provider.callbacks.tokens import LABEL_PATTERN, PURPOSE_ASSET, receiver_url
-from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbAsyncHook
-from imagecb_provider.models import (
-    Outcome,
-    TaskRecord,
-    TaskState,
-    build_result,
-    parse_timestamp,
-    to_iso,
+from imagecb_provider.exceptions import (
+    ImageCbError,
+    ImageCbNotFound,
+    ImageCbProtocolError,
+    ImageCbValidationError,
+    InvalidRemoteTaskId,
 )
+from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbAsyncHook, ImageCbHook
+from imagecb_provider.models import build_result, remote_task_id, to_iso
 
 if TYPE_CHECKING:
     from imagecb_provider.hooks.imagecb import ImageCbConnectionSettings
@@ -214,7 +219,9 @@ class ImageCallbackEventTrigger(BaseEventTrigger):
 
     The event payload (the asset event's ``extra["payload"]``) is small: ``remote_task_id``,
     ``label``, ``code``, ``outcome``, ``message``, ``result_image_url``, ``origin_image_url``,
-    ``received_at``, ``signed`` and ``callback_id``.
+    ``received_at``, ``signed`` and ``callback_id``. Its outcome and URLs are what the callback
+    body claimed, unconfirmed: turn it into a result with :func:`result_from_event`, which reads
+    them from the API.
 
     :param imagecb_conn_id: the ``imagecb`` connection; its ``callback_base_url`` is where the
         receiver is reached and its API key signs the watch token (only the id is serialized).
@@ -223,7 +230,7 @@ class ImageCallbackEventTrigger(BaseEventTrigger):
 
     def __init__(self, imagecb_conn_id: str = DEFAULT_CONN_ID, label: str | None = None) -> None:
         super().__init__()
-        if label is not None and not LABEL_PATTERN.match(label):
+        if label is not None and not LABEL_PATTERN.fullmatch(label):
             raise ValueError(
                 f"label={label!r}: use 1 to 100 letters, digits or _.:- (starting with a letter or digit)"
             )
@@ -277,29 +284,52 @@ async def _advance_later(producer: AssetCallbackProducer, position: int, delay: 
     await producer.advance_to(position)
 
 
-def result_from_event(payload: dict[str, Any]) -> dict[str, Any]:
+def result_from_event(
+    payload: dict[str, Any], imagecb_conn_id: str = DEFAULT_CONN_ID
+) -> dict[str, Any] | None:
     """
-    Build the provider's result dict (what ``ImageArchiveOperator`` takes) from an event payload.
+    Build the provider's result dict (what ``ImageArchiveOperator`` takes) for the task an event names.
+
+    The event is only a claim: its outcome and URLs come from a callback body that anyone holding
+    the asset callback URL could have written. The result is built from one record-info call for
+    the remote task id instead, so the archive downloads only what the API says the task made.
+    A task the API does not know (a forged callback), or an id of another form, gives ``None``
+    (the archive passes it over) and a warning; a task the API still reports generating raises a
+    retryable :class:`~imagecb_provider.exceptions.ImageCbError`, so the task retries later.
 
     :param payload: the ``extra["payload"]`` of an asset event this trigger fired.
+    :param imagecb_conn_id: the ``imagecb`` connection the watching trigger uses.
     """
-    outcome = Outcome(payload.get("outcome") or Outcome.GENERATION_FAILED)
-    record = TaskRecord(
-        task_id=payload["remote_task_id"],
-        state=TaskState.SUCCESS if outcome == Outcome.SUCCESS else TaskState.FAILED,
-        outcome=outcome,
-        code=payload.get("code"),
-        message=payload.get("message") or "",
-        result_image_url=payload.get("result_image_url"),
-        origin_image_url=payload.get("origin_image_url"),
-        completed_at=parse_timestamp(payload.get("received_at")),
-    )
+    try:
+        remote_id = remote_task_id(payload.get("remote_task_id"), "an asset callback event")
+    except InvalidRemoteTaskId as error:
+        log.warning("Ignored an asset callback event: %s", error)
+        return None
+    try:
+        record = ImageCbHook(imagecb_conn_id=imagecb_conn_id).get_task(remote_id)
+    except (ImageCbNotFound, ImageCbValidationError) as error:
+        # Only 404 and 422 say "no such task"; other errors (key, credits, network) are raised.
+        log.warning(
+            "Ignored the asset callback event of remote task %s: the API does not confirm it (%s)",
+            remote_id,
+            error,
+        )
+        return None
+    if record.task_id and record.task_id != remote_id:
+        raise ImageCbProtocolError(
+            f"The API answered record-info for remote task {remote_id} with the record of another task"
+        )
+    if not record.is_terminal:
+        raise ImageCbError(
+            f"The API still reports remote task {remote_id} generating, though a callback said it ended; "
+            "its result is read again when this task retries"
+        )
     return build_result(
-        remote_task_id=record.task_id,
-        outcome=outcome,
+        remote_task_id=remote_id,
+        outcome=record.outcome,
         record=record,
         request={},
         submitted_at=None,
-        polls=0,
+        polls=1,
         via="callback",
     )

@@ -26,6 +26,7 @@ from imagecb_provider.exceptions import ImageCbApiError, ImageCbError
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, SHARED_SESSIONS, ImageCbAsyncHook
 from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS
 from imagecb_provider.models import Outcome, TaskRecord
+from imagecb_provider.models import remote_task_id as checked_remote_task_id
 
 DEFAULT_POLL_INTERVAL = 30.0
 #: In callback mode polling is only a safety net for a callback that never comes.
@@ -129,7 +130,8 @@ class ImageTaskTrigger(BaseTrigger):
     API error no retry can fix. Transient errors (429, 455, 5xx, network) are ridden out until
     the deadline.
 
-    :param remote_task_ids: the API's task ids (``remote_task_id`` takes a single one).
+    :param remote_task_ids: the API's task ids (``remote_task_id`` takes a single one); each must be
+        of the strict form, or :class:`~imagecb_provider.exceptions.InvalidRemoteTaskId` is raised.
     :param deadline: Unix time after which the wait ends with a timeout event. Absolute, so a
         trigger rebuilt after a triggerer restart keeps the same deadline.
     :param imagecb_conn_id: the ``imagecb`` connection; only its id is held, never the key.
@@ -159,9 +161,11 @@ class ImageTaskTrigger(BaseTrigger):
         submitted_at: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
-        ids = list(remote_task_ids or ()) + ([remote_task_id] if remote_task_id else [])
+        ids = list(remote_task_ids or ()) + ([remote_task_id] if remote_task_id is not None else [])
         if not ids:
             raise ValueError("ImageTaskTrigger needs at least one remote task id")
+        # Checked here, where the triggerer rebuilds a trigger from its stored kwargs as well.
+        ids = [checked_remote_task_id(i, "the remote task ids of ImageTaskTrigger") for i in ids]
         if wait_mode not in WAIT_MODES:
             raise ValueError(f"wait_mode={wait_mode!r}: must be one of {', '.join(WAIT_MODES)}")
         self.remote_task_ids = list(dict.fromkeys(ids))
@@ -303,14 +307,11 @@ class ImageTaskTrigger(BaseTrigger):
         for item in await inbox.get(timeout=pause):
             if item.remote_task_id not in wait.pending:
                 continue
-            if not item.signed:
-                # Only the token vouches for an unsigned callback: one status call confirms it.
-                wait.pending[item.remote_task_id] = 0.0
-                wait.woken.add(item.remote_task_id)
-                continue
-            record = item.record()
-            if record.is_terminal:
-                self._ended(wait, item.remote_task_id, record, "callback")
+            # A callback only wakes its task: one status call reads the outcome and the URLs. Even
+            # a signed body is not used, since the vendor's signature covers only the task id and
+            # the timestamp, not what the body says happened.
+            wait.pending[item.remote_task_id] = 0.0
+            wait.woken.add(item.remote_task_id)
 
     def _event(self, status: str, wait: _Wait, *, error: dict[str, Any] | None = None) -> dict[str, Any]:
         return task_event(

@@ -111,6 +111,8 @@ _LIVE_CSS = (
     + """
 h2{font-size:16px;margin:18px 0 8px} .badge{background:#757575} .badge.success{background:#2e7d32}
 .state{font-size:12px;color:#555}
+.notice{background:#fff3e0;border:1px solid #ef6c00;border-radius:6px;padding:8px 12px;margin-bottom:16px;
+word-break:break-word}
 """
 )
 
@@ -161,7 +163,9 @@ def _group_section(group: Group, *, ui_url: str, dag_id: str, run_id: str) -> st
     return f'{head}<div class="grid">{cards}</div>'
 
 
-def live_sheet(*, dag_id: str, run_id: str, groups: Iterable[Group], ui_url: str, nonce: str) -> str:
+def live_sheet(
+    *, dag_id: str, run_id: str, groups: Iterable[Group], ui_url: str, nonce: str, notice: str = ""
+) -> str:
     """
     Return the page shown while a run has no report: each generate task and its results so far.
 
@@ -172,21 +176,38 @@ def live_sheet(*, dag_id: str, run_id: str, groups: Iterable[Group], ui_url: str
     :param groups: the run's generate task instances (:func:`~.lookup.generated_groups`)
     :param ui_url: the UI's base URL, for the task instance links
     :param nonce: the script's nonce
+    :param notice: why the run's report is not shown, when it has one (shown first)
     """
     groups = list(groups)
     title = html.escape(f"Images of {dag_id} / {run_id}")
-    if groups:
+    body = "".join(_group_section(g, ui_url=ui_url, dag_id=dag_id, run_id=run_id) for g in groups)
+    if notice:
+        note = "The results so far:" if groups else "This run has no image generation task."
+    elif groups:
         note = (
             "No contact sheet for this run yet: it shows here once the run's report task has returned "
             "its path. The results so far:"
         )
-        body = "".join(_group_section(g, ui_url=ui_url, dag_id=dag_id, run_id=run_id) for g in groups)
     else:
         note = "This run has no contact sheet and no image generation task."
-        body = ""
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
         f"<style>{_LIVE_CSS}</style></head><body><h1>{title}</h1>"
-        f'<div class="meta">{html.escape(note)}</div>{body}</body></html>'
+        + (f'<div class="notice">{html.escape(notice)}</div>' if notice else "")
+        + f'<div class="meta">{html.escape(note)}</div>{body}</body></html>'
     )
     return with_view_script(page, nonce)
+
+
+def notice_page(title: str, text: str) -> str:
+    """
+    Return a page that says one thing, such as why a file is not served (it has no script).
+
+    :param title: the page's heading
+    :param text: what to say
+    """
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_LIVE_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<div class="notice">{html.escape(text)}</div></body></html>'
+    )

@@ -6,7 +6,8 @@ Shared by :class:`~imagecb_provider.operators.generate.ImageGenerateOperator` (o
 submission is recorded in the task instance's :class:`SubmissionLedger` before the wait starts,
 so a later try reconnects instead of submitting again (see :func:`plan_slots` for the rule), and
 a request is marked ``sending`` before it goes out, so a submission whose answer was lost is
-reported, never resent.
+reported, never resent. An answer that is not the API's (no envelope, or a task id not of the
+strict form) counts as lost: the request may have been accepted and charged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from imagecb_provider.exceptions import (
     ImageCbApiError,
     ImageCbConnectionError,
+    ImageCbProtocolError,
     ImageCbSubmissionUncertain,
+    InvalidRemoteTaskId,
 )
 from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS
 from imagecb_provider.models import (
@@ -28,6 +31,7 @@ from imagecb_provider.models import (
     TaskRecord,
     build_result,
     parse_timestamp,
+    remote_task_id,
     request_key,
     to_iso,
 )
@@ -109,7 +113,7 @@ class GenerationMixin:
         self._log_plan(actions)
         for slot, action in zip(slots, actions, strict=True):
             if action == Action.UNCERTAIN:
-                _settle_uncertain(slot, "Its submission's answer was lost in an earlier try")
+                _settle_planned_uncertain(slot)
             elif action == Action.RECONNECT:
                 slot.outcome = None
             else:
@@ -167,14 +171,16 @@ class GenerationMixin:
         The hook's transient-error retries run here, one attempt at a time: the mark is cleared
         (and stored) before each backoff, so a task killed while it waits to resend a refused
         request lets its retry send it, and only a request whose answer was lost stays uncertain.
-        The answer, the remote task id, is stored at once.
+        The answer, the remote task id, is stored at once; an answer that cannot be used (not
+        the API's envelope, or a task id not of the strict form) settles the slot as uncertain.
         """
 
         def attempt() -> str:
             slot.sending, slot.sending_since = True, to_iso(datetime.now(UTC))
             ledger.save(entry)  # the mark is stored before the request leaves
             try:
-                return self.hook.submit(request, retry=False)
+                # Checked here too, whatever the hook checks: this id becomes a URL part and a file name.
+                return remote_task_id(self.hook.submit(request, retry=False), "the submit answer")
             except (ImageCbApiError, ImageCbConnectionError):
                 # Refused with an error answer, or never sent: nothing was created. Anything
                 # else (the task killed mid-request) leaves the mark: uncertain.
@@ -186,6 +192,12 @@ class GenerationMixin:
             slot.remote_task_id = self.hook.retry_policy.retrying(RETRYABLE_ERRORS)(attempt)
         except ImageCbSubmissionUncertain as error:
             _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
+            return
+        except ImageCbProtocolError as error:
+            # The API took the request (an answer came) but its task id cannot be trusted or is
+            # missing: it may be charged, so it is settled uncertain now, never resent by a retry.
+            _settle_uncertain(slot, f"Sent, but its answer could not be used ({str(error).rstrip('.')})")
+            ledger.save(entry)
             return
         slot.sending = False
         slot.submitted_at = to_iso(datetime.now(UTC))
@@ -211,6 +223,9 @@ class GenerationMixin:
     def execute_complete(self: GeneratingTask, context: Context, event: dict[str, Any]) -> Any:
         """Resume after the trigger fired: record the outcomes, resubmit once if asked, settle."""
         entry = LedgerEntry.from_dict(event["echo"])
+        for slot in entry.slots:  # the echo went through the triggerer's database: checked again
+            if slot.remote_task_id is not None:
+                remote_task_id(slot.remote_task_id, "the trigger event")
         ledger = SubmissionLedger(context)
         waited = [s for s in entry.slots if s.remote_task_id in event["polls"]]
         for slot in waited:
@@ -271,6 +286,16 @@ def _settle(slot: Slot, record: TaskRecord, via: str) -> None:
     slot.message = record.message
     slot.record = record.to_dict()
     slot.via = via
+
+
+def _settle_planned_uncertain(slot: Slot) -> None:
+    """Settle a slot :func:`plan_slots` found uncertain, keeping the cause an earlier try gave."""
+    if slot.remote_task_id is not None:  # stored, but not of the strict form
+        refused = InvalidRemoteTaskId("the stored ledger", slot.remote_task_id)
+        slot.remote_task_id = None  # never polled, never put in a result: it may name a path
+        _settle_uncertain(slot, f"Its stored answer could not be used ({str(refused).rstrip('.')})")
+    elif slot.outcome != Outcome.SUBMISSION_UNCERTAIN or not slot.message:
+        _settle_uncertain(slot, "Its submission's answer was lost in an earlier try")
 
 
 def _settle_uncertain(slot: Slot, cause: str) -> None:

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from imagecb_provider.models import Outcome
+from imagecb_provider.exceptions import InvalidRemoteTaskId
+from imagecb_provider.models import Outcome, remote_task_id
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -141,7 +142,9 @@ def plan_slots(
     anew; a success is reused when ``reuse_successes`` (a batch rerun regenerates only what did
     not succeed) and a timeout is always reconnected to (the image may still come). A
     content-policy rejection is sent anew only on a ``new_run`` (a rerun cleared from the UI):
-    an automatic retry would be flagged and charged again.
+    an automatic retry would be flagged and charged again, and so is an uncertain submission (it
+    may be charged already: a person checks the account, then clears the task). A stored remote
+    task id not of the strict form is never polled: its slot is uncertain.
 
     :param entry: the stored ledger, if any.
     :param keys: the request fingerprints of this try, in order; a slot whose stored key differs
@@ -162,18 +165,30 @@ def plan_slots(
 
 
 def _action(slot: Slot, *, delivered: bool, reuse: bool, new_run: bool) -> Action:
+    if slot.remote_task_id is not None and not _is_remote_task_id(slot.remote_task_id):
+        return Action.UNCERTAIN  # a stored answer that was not a task id: sent, maybe charged
     if not delivered:
         if slot.remote_task_id:
             return Action.RECONNECT
         return Action.UNCERTAIN if slot.sending else Action.SUBMIT
     if not slot.remote_task_id:
-        return Action.SUBMIT
+        # A batch that raised a retryable outcome is retried with its uncertain slots in it.
+        uncertain = slot.outcome == Outcome.SUBMISSION_UNCERTAIN and not new_run
+        return Action.UNCERTAIN if uncertain else Action.SUBMIT
     keep = {
         Outcome.SUCCESS: reuse,
         Outcome.TIMEOUT: True,
         Outcome.CONTENT_POLICY: not new_run,
     }
     return Action.RECONNECT if keep.get(slot.outcome, False) else Action.SUBMIT
+
+
+def _is_remote_task_id(value: object) -> bool:
+    try:
+        remote_task_id(value, "the stored ledger")
+    except InvalidRemoteTaskId:
+        return False
+    return True
 
 
 def remote_ids_of_slot(entry: Mapping[str, Any] | None, slot: int) -> frozenset[str] | None:
