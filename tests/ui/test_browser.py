@@ -136,7 +136,9 @@ def browser() -> Iterator[Any]:
 def page(browser: Any, stack: Any) -> Iterator[Any]:
     """A browser tab logged in through Airflow's login page, as a person does."""
     context = browser.new_context(viewport={"width": 1400, "height": 900})
-    context.set_default_timeout(30_000)
+    # A bound on each wait, not a timing: on two busy cores the UI's first render of a page has
+    # taken over 30 s (the grid's "Expand all task groups" button, seen once in a loaded CI run).
+    context.set_default_timeout(90_000)
     tab = context.new_page()
     tab.goto(stack.url + "/")
     tab.wait_for_url(re.compile(r"/auth/login"))
