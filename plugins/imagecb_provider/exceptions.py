@@ -7,8 +7,16 @@ Two families, because Airflow must treat them differently:
   bad field, feature disabled, unknown task) derive from ``AirflowFailException`` so that
   Airflow fails the task at once instead of burning its retries; the transient ones are
   retried inside the hook and surface only once its attempts are spent.
+* **Outcome answers** are API errors whose code says how a generation ended rather than what is
+  wrong with the call (:class:`ImageCbOutcomeAnswer`): 501 ("Generation Failed") and 408 (upstream
+  gave no result for over 10 minutes). A submission answered 501 or 408 created nothing (no
+  ``taskId``): it is never resent by the hook's transient retry, and the generate operators settle
+  that request with the outcome (``generation_failed``, ``internal_error``) instead. On
+  record-info, 501 ends the task with ``generation_failed`` and 408 is retried as transient.
 * **Task outcome errors** describe how a remote generation ended. Content-policy rejections
-  fail at once (the same prompt is flagged again); the other failures are retryable.
+  fail at once (the same prompt is flagged again); the other failures are retryable, and a retry
+  submits the request anew (``internal_error``, ``generation_failed``) or reconnects to it
+  (``timeout``).
 
 Messages never contain the API key or the webhook HMAC key: they are built only from the
 vendor's ``msg``, the endpoint and the connection id.
@@ -41,10 +49,12 @@ class ImageCbApiError(ImageCbError):
         self.msg = msg
         self.endpoint = endpoint
         self.retry_after = retry_after
-        text = f"imagecb API answered {code} on {endpoint}: {msg or 'no message'}"
-        if self.advice:
-            text = f"{text}. {self.advice}"
-        super().__init__(text)
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """Return the error's text: what was answered where, then the advice."""
+        text = f"imagecb API answered {self.code} on {self.endpoint}: {self.msg or 'no message'}"
+        return f"{text}. {self.advice}" if self.advice else text
 
 
 class ImageCbPermanentApiError(ImageCbApiError, AirflowFailException):
@@ -64,6 +74,28 @@ class ImageCbInsufficientCredits(ImageCbPermanentApiError):
 
 class ImageCbNotFound(ImageCbPermanentApiError):
     advice = "The task id is unknown to the API: check the remote task id, or the base URL of the connection"
+
+
+class ImageCbTaskUnknown(ImageCbNotFound):
+    """
+    Record-info named a remote task the API does not know, in any of the forms it answers so.
+
+    The forms: HTTP or body code 404; HTTP 200 with body code 422 and a message saying the record
+    (or task) does not exist; HTTP 200 with code 200 and ``data: null``. ``code`` is 404 whichever
+    form came (the one code the rest of the provider reads as "unknown task"), and ``msg`` names
+    the remote task and quotes what the API answered. A generate operator retires the task from
+    its slot, so the next try submits that request anew instead of meeting the same answer.
+    """
+
+    advice = (
+        "A remote task the API does not know (expired, or never created on this account) cannot be "
+        "polled: a generate task retires it and submits that request anew on its next try; otherwise "
+        "check the remote task id and the base URL of the connection"
+    )
+
+    def describe(self) -> str:
+        # Not "answered 404": the API may have said it with a 200 or a 422; msg says which.
+        return f"imagecb API on {self.endpoint}: {self.msg or 'unknown remote task'}. {self.advice}"
 
 
 class ImageCbValidationError(ImageCbPermanentApiError):
@@ -88,6 +120,49 @@ class ImageCbUnavailable(ImageCbTransientApiError):
 
 class ImageCbServerError(ImageCbTransientApiError):
     advice = "Server error on the API side; try again later"
+
+
+class ImageCbOutcomeAnswer(ImageCbApiError):
+    """
+    An answer whose code tells how a generation ended, not what is wrong with the call (501, 408).
+
+    :attr outcome: the outcome name (``models.Outcome``) the request or task ends with.
+    """
+
+    outcome: str = ""
+
+
+class ImageCbGenerationFailedAnswer(ImageCbOutcomeAnswer):
+    """
+    Code 501 ("Generation Failed") on generate or record-info: never retried by the hook.
+
+    On a submission nothing was created (no ``taskId``), so the request ends ``generation_failed``
+    and the next try (or a cleared rerun) may send it again; resending it at once would only meet
+    the same answer (one prompt answered 501 was sent 12 times over 2 tries before this mapping).
+    """
+
+    outcome = "generation_failed"
+    advice = "The generation failed on the vendor's side; a later try may send the request again"
+
+
+class ImageCbUpstreamTimeout(ImageCbOutcomeAnswer, ImageCbTransientApiError):
+    """Code 408 (upstream gave no result for over 10 minutes) on a status call: retried as transient."""
+
+    outcome = "internal_error"
+    advice = "The vendor's upstream gave no result in time; the call is retried"
+
+
+class ImageCbSubmissionUpstreamTimeout(ImageCbOutcomeAnswer):
+    """
+    Code 408 answered to a submission: the request ends ``internal_error``, not resent in this try.
+
+    A guess, as the vendor documents 408 only for tasks: like every error answer it carries no
+    ``taskId``, so nothing the provider could poll (or be charged for) is known to exist. Resending
+    at once could meet the same upstream wait; the next try sends it again.
+    """
+
+    outcome = "internal_error"
+    advice = "The vendor's upstream gave no result in time; the next try sends the request again"
 
 
 class ImageCbConnectionError(ImageCbError):
@@ -117,6 +192,28 @@ class ImageCbConfigurationError(ImageCbError, AirflowFailException):
 
 class ImageCbProtocolError(ImageCbError):
     """The API answered something that is not its JSON envelope (wrong base URL or a proxy page)."""
+
+
+class ImageCbMalformedAnswer(ImageCbProtocolError, ValueError):
+    """
+    An answer in the API's envelope whose fields are not of the documented form.
+
+    A ``ValueError`` too, so code that refuses a malformed body as a bad value (the callback
+    receiver) refuses this one the same way.
+
+    :param where: what carried it (``"a record-info answer"``, ``"a callback body"``).
+    :param field: the field, as the vendor names it (``"response.resultImageUrl"``).
+    :param value: the refused value (shown shortened).
+    :param expected: what the field should hold, in words.
+    """
+
+    def __init__(self, where: str, field: str, value: object, expected: str) -> None:
+        self.where = where
+        self.field = field
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = f"{shown[:57]}..."
+        super().__init__(f"Refused {where}: its {field} is {shown}, expected {expected}")
 
 
 class InvalidGenerationRequest(ImageCbError, AirflowFailException, ValueError):
@@ -179,13 +276,21 @@ class ImageContentPolicyViolation(ImageTaskFailed, AirflowFailException):
 
 
 class ImageInternalError(ImageTaskFailed):
-    """Internal error, upstream timeout or create-task failure on the vendor side: retryable."""
+    """
+    Internal error (500), upstream timeout (408) or create-task failure on the vendor side.
+
+    Also a submission answered 408 (nothing created). Retryable: a retry submits the request anew.
+    """
 
     outcome = "internal_error"
 
 
 class ImageGenerationFailed(ImageTaskFailed):
-    """The generation itself failed; often transient, so retryable."""
+    """
+    The generation failed (501 in a record, a callback, or the answer to a submission).
+
+    Often transient, so retryable: a retry submits the request anew.
+    """
 
     outcome = "generation_failed"
 

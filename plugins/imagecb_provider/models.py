@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from imagecb_provider.exceptions import InvalidGenerationRequest, InvalidRemoteTaskId
+from imagecb_provider.exceptions import ImageCbMalformedAnswer, InvalidGenerationRequest, InvalidRemoteTaskId
 
 # The vendor documents ids such as "task12345" and "task_flux-2_1765175490366": letters, digits,
 # "_" and "-". Nothing else is ever used as a file name, a URL part or a database key.
@@ -271,31 +271,78 @@ def request_key(payload: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- timestamps
+# Epoch seconds or milliseconds written out, in ASCII digits only: str.isdigit() is also true of
+# "²" (on which float() raises) and of other scripts' digits (which float() reads).
+_EPOCH = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,9})?")
+#: What the vendor writes for an empty field: the JSON null, "", or the string "null".
+_ABSENT_TEXTS = ("", "null")
+
+
+def is_absent(value: Any) -> bool:
+    """
+    Whether a field of an answer holds nothing: ``None``, ``""`` or the string ``"null"``.
+
+    The vendor writes ``"null"`` (a string) in empty fields of some answers (``errorCode``,
+    ``originImageUrl``): it must never be read as a code, a message or a link.
+
+    :param value: the field's value as decoded from JSON.
+    """
+    return value is None or (isinstance(value, str) and value.strip().lower() in _ABSENT_TEXTS)
+
+
 def parse_timestamp(value: Any) -> datetime | None:
     """
-    Read a vendor timestamp as an aware UTC datetime.
+    Read a vendor timestamp as an aware UTC datetime; ``None`` when absent or unreadable.
 
-    The reference documents ISO strings; public clients type the same fields as epoch
-    milliseconds. Both are accepted, and so are epoch seconds (a number below 1e11 cannot be
-    milliseconds of this century).
+    Every form seen is accepted: epoch milliseconds and epoch seconds, as numbers or numeric
+    strings (public clients type the fields as epoch milliseconds; a number below 1e11 cannot be
+    milliseconds of this century, so it is read as seconds); ISO 8601 with ``Z`` or an offset (the
+    reference's examples, ``2024-03-20T10:30:00Z``); and ``2026-01-06 08:16:56``, a space and no
+    zone (a record-info answer of another model of the same API family).
+
+    A time without a zone is read as UTC. That is a guess: the vendor documents no zone for that
+    form, and if its servers write local times (UTC+8, say) such a time is off by that offset. It
+    only moves ``created_at``/``completed_at`` and the durations logged; no decision depends on it.
+
+    ``None``, ``""``, ``0``, ``"null"``, a value of any other form and one out of range all give
+    ``None``: a timestamp is never a reason to fail a task.
+
+    :param value: the field's value as decoded from JSON (or a stored ISO string).
     """
-    if value is None or value == "" or value == 0:
+    if is_absent(value) or isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.strip().lstrip("-").replace(".", "", 1).isdigit():
-        value = float(value)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            return None
-        seconds = value / 1000 if abs(value) >= 1e11 else value
-        return datetime.fromtimestamp(seconds, tz=UTC)
     if isinstance(value, str):
-        text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
+        text = value.strip()
+        if not text.isascii():
             return None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    return None
+        if not _EPOCH.fullmatch(text):
+            return _parse_iso(text)
+        value = float(text) if "." in text else int(text)
+    if not isinstance(value, int | float) or value == 0:
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    seconds = value / 1000 if abs(value) >= 1e11 else value
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _parse_iso(text: str) -> datetime | None:
+    """ISO 8601 (``T`` or a space between date and time), ``Z``, an offset or no zone (read as UTC)."""
+    if text[-1:] in ("Z", "z"):
+        text = f"{text[:-1]}+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)  # no zone: UTC, a guess (see parse_timestamp)
+    try:
+        return parsed.astimezone(UTC)
+    except (OverflowError, ValueError):  # an offset pushing a year-1 or year-9999 time out of range
+        return None
 
 
 def to_iso(value: datetime | None) -> str | None:
@@ -303,11 +350,24 @@ def to_iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
-def _as_code(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+def read_code(value: Any) -> int | None:
+    """
+    Read a vendor code (``errorCode``, ``successFlag``, a callback's ``code``) as an int.
+
+    An int, a whole float, or a string of ASCII digits; anything else, ``"null"`` and booleans
+    included, reads as ``None`` (no code), never as an error.
+
+    :param value: the field's value as decoded from JSON.
+    """
+    if is_absent(value) or isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else None
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
+        return int(value.strip())
+    return None
 
 
 def outcome_of(state: TaskState, code: int | None) -> Outcome | None:
@@ -343,48 +403,76 @@ class TaskRecord:
         return self.outcome is not None
 
     @classmethod
-    def from_record_info(cls, data: Mapping[str, Any]) -> TaskRecord:
+    def from_record_info(cls, data: Any) -> TaskRecord:
         """
         From the ``data`` of ``GET record-info``; ``response`` may be null while generating.
 
-        The vendor's ``taskId`` must be of the strict form, or :class:`InvalidRemoteTaskId` is raised:
-        an answer naming another kind of id is not trusted with anything else either.
+        Empty fields may come as ``null``, ``""`` or the string ``"null"``: all read as absent.
+        Codes and flags may come as numbers or numeric strings; timestamps in any form
+        :func:`parse_timestamp` reads. What cannot be read raises an
+        :class:`~imagecb_provider.exceptions.ImageCbProtocolError`, never anything else: ``data``
+        or ``response`` that is not an object, or a link that is not a string
+        (:class:`~imagecb_provider.exceptions.ImageCbMalformedAnswer`), and a ``taskId`` not of the
+        strict form (:class:`InvalidRemoteTaskId`): an answer naming another kind of id is not
+        trusted with anything else either. (``data: null``, an unknown task, is the hook's to
+        refuse, as only it knows which task was asked for.)
+
+        :param data: the answer's ``data``.
         """
-        task_id = remote_task_id(data.get("taskId") or data.get("task_id"), "a record-info answer")
-        flag = _as_code(data.get("successFlag"))
+        where = "a record-info answer"
+        if not isinstance(data, Mapping):
+            raise ImageCbMalformedAnswer(where, "data", data, "an object")
+        task_id = remote_task_id(_first_present(data, "taskId", "task_id"), where)
+        flag = read_code(data.get("successFlag"))
         state = _STATE_BY_SUCCESS_FLAG.get(flag if flag is not None else 0, TaskState.GENERATE_FAILED)
-        code = _as_code(data.get("errorCode"))
+        code = read_code(data.get("errorCode"))
         if state == TaskState.SUCCESS and code is None:
             code = 200
-        response = data.get("response") or {}
+        response = _object(where, "response", data.get("response"))
         return cls(
             task_id=task_id,
             state=state,
             outcome=outcome_of(state, code),
             code=code,
-            message=str(data.get("errorMessage") or ""),
-            result_image_url=response.get("resultImageUrl") or None,
-            origin_image_url=response.get("originImageUrl") or None,
+            message=_text(data.get("errorMessage")),
+            result_image_url=_link(where, "response.resultImageUrl", response.get("resultImageUrl")),
+            origin_image_url=_link(where, "response.originImageUrl", response.get("originImageUrl")),
             created_at=parse_timestamp(data.get("createTime")),
             completed_at=parse_timestamp(data.get("completeTime")),
             params=_parse_params(data.get("paramJson")),
         )
 
     @classmethod
-    def from_callback(cls, body: Mapping[str, Any], *, received_at: datetime | None = None) -> TaskRecord:
-        """From a callback POST body; the task id is read from ``taskId`` or, defensively, ``task_id``."""
-        data = body.get("data") or {}
-        info = data.get("info") or {}
-        code = _as_code(body.get("code"))
+    def from_callback(cls, body: Any, *, received_at: datetime | None = None) -> TaskRecord:
+        """
+        From a callback POST body; the task id is read from ``taskId`` or, defensively, ``task_id``.
+
+        Empty fields read as absent whether ``null``, ``""`` or ``"null"``; a body, ``data`` or
+        ``data.info`` that is not an object, a ``code`` that is not a whole number, or a link that
+        is not a string, raises :class:`~imagecb_provider.exceptions.ImageCbMalformedAnswer` (a
+        ``ValueError`` too, which the receiver answers with 422).
+
+        :param body: the decoded callback body.
+        :param received_at: when it arrived, the record's completion time.
+        """
+        where = "a callback body"
+        if not isinstance(body, Mapping):
+            raise ImageCbMalformedAnswer(where, "body", body, "an object")
+        data = _object(where, "data", body.get("data"))
+        info = _object(where, "data.info", data.get("info"))
+        code = read_code(body.get("code"))
+        if code is None and not is_absent(body.get("code")):  # 1e400, NaN, "abc": not a callback's code
+            raise ImageCbMalformedAnswer(where, "code", body.get("code"), "a whole number")
         state = TaskState.SUCCESS if code == 200 else TaskState.FAILED
+        task_id = _first_present(data, "taskId", "task_id")
         return cls(
-            task_id=str(data.get("taskId") or data.get("task_id") or ""),
+            task_id="" if task_id is None else str(task_id),
             state=state,
             outcome=outcome_of(state, code),
             code=code,
-            message=str(body.get("msg") or ""),
-            result_image_url=info.get("resultImageUrl") or None,
-            origin_image_url=info.get("originImageUrl") or None,
+            message=_text(body.get("msg")),
+            result_image_url=_link(where, "data.info.resultImageUrl", info.get("resultImageUrl")),
+            origin_image_url=_link(where, "data.info.originImageUrl", info.get("originImageUrl")),
             completed_at=received_at,
         )
 
@@ -420,13 +508,45 @@ class TaskRecord:
         )
 
 
+def _first_present(data: Mapping[str, Any], *names: str) -> Any:
+    """The first of ``names`` whose value is not absent (see :func:`is_absent`), else ``None``."""
+    for name in names:
+        value = data.get(name)
+        if not is_absent(value):
+            return value
+    return None
+
+
+def _object(where: str, name: str, value: Any) -> Mapping[str, Any]:
+    """A nested object of an answer; an empty or absent one is ``{}``, any other kind is refused."""
+    if isinstance(value, Mapping):
+        return value
+    if is_absent(value) or not value:  # null, "", "null", and the empty [] or 0 some clients send
+        return {}
+    raise ImageCbMalformedAnswer(where, name, value, "an object")
+
+
+def _link(where: str, name: str, value: Any) -> str | None:
+    """A file link of an answer: a string, or ``None`` when absent (``"null"`` included)."""
+    if is_absent(value):
+        return None
+    if not isinstance(value, str):
+        raise ImageCbMalformedAnswer(where, name, value, "a URL string")
+    return value
+
+
+def _text(value: Any) -> str:
+    """A message of an answer: ``""`` when absent (``"null"`` included), else its text."""
+    return "" if is_absent(value) else str(value)
+
+
 def _parse_params(param_json: Any) -> dict[str, Any]:
     if isinstance(param_json, Mapping):
         return dict(param_json)
     if isinstance(param_json, str) and param_json:
         try:
             parsed = json.loads(param_json)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
             return {}
         return parsed if isinstance(parsed, dict) else {}
     return {}

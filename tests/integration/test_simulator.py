@@ -196,9 +196,6 @@ def test_every_api_call_needs_the_bearer_key(start, key):
         ({"prompt": "a", "aspectRatio": "5:4"}, "aspectRatio"),
         ({"prompt": "a", "outputFormat": "gif"}, "outputFormat"),
         ({"prompt": "a", "model": "flux-dev"}, "model"),
-        ({"prompt": "a", "safetyTolerance": 7}, "safetyTolerance"),
-        ({"prompt": "a", "safetyTolerance": -1}, "safetyTolerance"),
-        ({"prompt": "a", "safetyTolerance": 3, "inputImage": "https://x.test/a.png"}, "safetyTolerance"),
         ({"prompt": "a", "safetyTolerance": "2"}, "safetyTolerance"),
         ({"prompt": "a", "enableTranslation": "yes"}, "enableTranslation"),
         ({"prompt": "a", "promptUpsampling": 1}, "promptUpsampling"),
@@ -215,6 +212,25 @@ def test_validation_refuses_with_422_naming_the_field(start, body, field):
     assert answer.json()["code"] == 422
     assert field in answer.json()["msg"]
     assert sim.stats()["submissions_total"] == 0
+    assert api.credit() == 1000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "a", "safetyTolerance": 7},
+        {"prompt": "a", "safetyTolerance": -1},
+        {"prompt": "a", "safetyTolerance": 3, "inputImage": "https://x.test/a.png"},
+    ],
+)
+def test_safety_tolerance_out_of_range_is_a_500_with_the_ranges(start, body):
+    """The vendor's quickstart: "Safety Tolerance Out of Range (Code 500)"."""
+    sim, api = start()
+    answer = api.http.post(api.url + GENERATE, json=body).json()
+    assert answer["code"] == 500
+    assert "safetyTolerance must be 0-6 when generating, 0-2 when editing" in answer["msg"]
+    assert sim.stats()["submissions_total"] == 0
+    assert sim.stats()["rejected"] == {"500": 1}
     assert api.credit() == 1000
 
 
@@ -488,7 +504,9 @@ def test_disabled_model_is_a_505(start):
 
 
 def test_http_status_errors_mode_uses_real_statuses(start):
-    sim, api = start(http_status_errors=True, rate_limit_count=1, rate_limit_window=600, credits=5)
+    sim, api = start(
+        http_status_errors=True, rate_limit_count=1, rate_limit_window=600, credits=5, unknown_record="404"
+    )
     assert api.submit("a").status_code == 200
     checks = {
         429: api.submit("b"),
@@ -1097,7 +1115,7 @@ def test_stats_can_leave_out_the_task_map(start):
 
 
 def test_reset_forgets_tasks_counters_windows_and_injections(start):
-    sim, api = start(rate_limit_count=1, rate_limit_window=600, credits=50)
+    sim, api = start(rate_limit_count=1, rate_limit_window=600, credits=50, unknown_record="404")
     task_id = api.task_id("a vole")
     assert api.submit("b").json()["code"] == 429
     sim.inject(endpoint="credit", code=500, times=5)

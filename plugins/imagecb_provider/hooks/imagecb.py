@@ -50,6 +50,8 @@ from imagecb_provider.hooks.protocol import (
     USER_AGENT,
     RetryPolicy,
     parse_envelope,
+    record_from_answer,
+    record_from_error,
     without_query,
 )
 from imagecb_provider.models import GenerationRequest, TaskRecord, remote_task_id
@@ -257,7 +259,10 @@ class ImageCbHook(BaseHook):
 
         Transient errors are retried only when the API provably did not take the request (an
         error answer, or a connection that never opened); a request sent without an answer
-        raises :class:`ImageCbSubmissionUncertain` rather than risk paying twice.
+        raises :class:`ImageCbSubmissionUncertain` rather than risk paying twice. An answer that
+        says how the generation ended (501, or 408 to a submission) raises an
+        :class:`~imagecb_provider.exceptions.ImageCbOutcomeAnswer` at once, never retried: nothing
+        was created, and resending it would meet the same answer.
 
         :param request: what to generate.
         :param retry: ``False`` makes one attempt, for a caller that retries itself (and records
@@ -277,8 +282,21 @@ class ImageCbHook(BaseHook):
         return task_id
 
     def get_task(self, task_id: str) -> TaskRecord:
-        """The task's current record (state, outcome, URLs)."""
-        return TaskRecord.from_record_info(self._call("GET", RECORD_INFO_PATH, params={"taskId": task_id}))
+        """
+        Return the task's current record (state, outcome, URLs).
+
+        A task the API does not know, in any of the forms it answers so (404; 200 with code 422
+        "The record does not exist"; ``data: null``), raises
+        :class:`~imagecb_provider.exceptions.ImageCbTaskUnknown` naming the task; a 501 answer is the
+        task's record, ended ``generation_failed``; 408 is retried like any transient error.
+
+        :param task_id: the remote task id.
+        """
+        try:
+            data = self._call("GET", RECORD_INFO_PATH, params={"taskId": task_id})
+        except ImageCbApiError as error:
+            return record_from_error(error, task_id)
+        return record_from_answer(data, task_id)
 
     def get_credits(self) -> float:
         """Credits left on the account."""
@@ -429,10 +447,19 @@ class ImageCbAsyncHook(BaseHook):
         return self._settings
 
     async def get_task(self, task_id: str) -> TaskRecord:
-        """The task's current record; transient errors are retried without blocking the loop."""
+        """
+        Return the task's current record; transient errors are retried without blocking the loop.
+
+        Answers mean what they mean to :meth:`ImageCbHook.get_task`.
+
+        :param task_id: the remote task id.
+        """
         retrying = self.retry_policy.async_retrying(RETRYABLE_ERRORS)
-        data = await retrying(self._request_once, "GET", RECORD_INFO_PATH, params={"taskId": task_id})
-        return TaskRecord.from_record_info(data)
+        try:
+            data = await retrying(self._request_once, "GET", RECORD_INFO_PATH, params={"taskId": task_id})
+        except ImageCbApiError as error:
+            return record_from_error(error, task_id)
+        return record_from_answer(data, task_id)
 
     async def _request_once(self, method: str, endpoint: str, params: dict | None = None) -> Any:
         settings = await self.settings()

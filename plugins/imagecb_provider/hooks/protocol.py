@@ -1,9 +1,26 @@
 """
 The wire rules shared by the sync and the async hook: endpoints, the vendor's envelope, the
-mapping of codes to errors, and the retry policy.
+mapping of codes to errors, what a record-info answer means, and the retry policy.
 
-Both hooks call :func:`parse_envelope` on every answer and retry with the same
+Both hooks call :func:`parse_envelope` on every answer, read record-info through
+:func:`record_from_answer` and :func:`record_from_error`, and retry with the same
 :class:`RetryPolicy`, so a 429 behaves the same in a worker and in the triggerer.
+
+The codes, as :func:`error_for` maps them (docs/api-fidelity.md gives the source of each):
+
+* 401, 402, 422, 505: permanent, the task fails at once with advice.
+* 404, and on record-info the other two forms of "no such task" (HTTP 200 with code 422 saying
+  the record does not exist; code 200 with ``data: null``): :class:`ImageCbTaskUnknown`, which a
+  generate operator answers by retiring the remote task from its slot.
+* 429, 455, 5xx: transient, retried with backoff inside the hook.
+* 501 ("Generation Failed") on generate and record-info: an outcome, ``generation_failed``, never
+  retried by the hook. A submission answered 501 created nothing, so resending it at once would
+  only meet the same answer; the generate operators record the request as ended without a remote
+  task, and the next try (a retry or a cleared rerun) sends it again.
+* 408 (upstream gave no result for over 10 minutes): transient on record-info and the other
+  calls (the status call is retried); on generate an outcome, ``internal_error``, not resent in
+  that try. That last mapping is a guess: the vendor documents 408 only for tasks, and an error
+  answer carries no ``taskId``, so nothing is known to have been created or charged.
 """
 
 from __future__ import annotations
@@ -12,6 +29,7 @@ import asyncio
 import inspect
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,16 +45,21 @@ from imagecb_provider.exceptions import (
     ImageCbAuthenticationError,
     ImageCbConnectionError,
     ImageCbFeatureDisabled,
+    ImageCbGenerationFailedAnswer,
     ImageCbInsufficientCredits,
     ImageCbNotFound,
     ImageCbPermanentApiError,
     ImageCbProtocolError,
     ImageCbRateLimited,
     ImageCbServerError,
+    ImageCbSubmissionUpstreamTimeout,
+    ImageCbTaskUnknown,
     ImageCbTransientApiError,
     ImageCbUnavailable,
+    ImageCbUpstreamTimeout,
     ImageCbValidationError,
 )
+from imagecb_provider.models import Outcome, TaskRecord, TaskState, read_code
 
 DEFAULT_BASE_URL = "https://api.kie.ai"
 USER_AGENT = "airflow-provider-imagecb"
@@ -58,13 +81,34 @@ _ERROR_BY_CODE: dict[int, type[ImageCbApiError]] = {
     455: ImageCbUnavailable,
     505: ImageCbFeatureDisabled,
 }
+#: Codes that mean something of their own on one endpoint (see the module docstring).
+_ERROR_BY_ENDPOINT_CODE: dict[tuple[str, int], type[ImageCbApiError]] = {
+    (RECORD_INFO_PATH, 404): ImageCbTaskUnknown,
+    (RECORD_INFO_PATH, 501): ImageCbGenerationFailedAnswer,
+    (GENERATE_PATH, 501): ImageCbGenerationFailedAnswer,
+    (GENERATE_PATH, 408): ImageCbSubmissionUpstreamTimeout,
+}
+#: The API's own calls; file downloads (any other "endpoint") keep the plain HTTP meaning of 408/501.
+API_PATHS = (GENERATE_PATH, RECORD_INFO_PATH, CREDIT_PATH, DOWNLOAD_URL_PATH)
 
 log = logging.getLogger(__name__)
 
 
 def error_for(code: int, msg: str, endpoint: str, retry_after: float | None = None) -> ImageCbApiError:
-    """The error class for an API ``code``: permanent ones fail at once, 429/455/5xx are retried."""
-    cls = _ERROR_BY_CODE.get(code)
+    """
+    Return the error class for an API ``code`` on ``endpoint`` (see the module docstring).
+
+    Permanent ones fail at once; 429, 455, 5xx and 408 (but on generate) are retried; 501 on
+    generate or record-info and 408 on generate are outcomes, never retried by the hook.
+
+    :param code: the vendor's code (the body's, else the HTTP status).
+    :param msg: the vendor's message.
+    :param endpoint: the API path called, or the link shown for a file download.
+    :param retry_after: seconds the answer asked to wait, if it said.
+    """
+    cls = _ERROR_BY_ENDPOINT_CODE.get((endpoint, code)) or _ERROR_BY_CODE.get(code)
+    if cls is None and code == 408 and endpoint in API_PATHS:
+        cls = ImageCbUpstreamTimeout
     if cls is None:
         cls = ImageCbServerError if code >= 500 else ImageCbPermanentApiError
     return cls(code, msg, endpoint, retry_after=retry_after)
@@ -96,9 +140,11 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None  # "nan" would sleep forever
     try:
         from datetime import datetime
 
@@ -112,12 +158,19 @@ def parse_envelope(status: int, body: bytes | str, headers: Mapping[str, str] | 
     Return the ``data`` of a successful answer, or raise the error it carries.
 
     The vendor often answers errors as HTTP 200 with the real code in the body, and sometimes
-    as a real HTTP status: the body ``code`` is the truth when present, the status otherwise.
+    as a real HTTP status: the body ``code`` is the truth when it is a number (or a numeric
+    string), the status otherwise. Whatever the body holds, only an
+    :class:`~imagecb_provider.exceptions.ImageCbError` is raised.
+
+    :param status: the HTTP status.
+    :param body: the raw body.
+    :param headers: the answer's headers (``Retry-After`` is read).
+    :param endpoint: the API path called, for the error and the code mapping.
     """
     retry_after = parse_retry_after(headers)
     try:
         payload = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
         payload = None
     if not isinstance(payload, dict) or "code" not in payload:
         if status >= 400:
@@ -126,13 +179,97 @@ def parse_envelope(status: int, body: bytes | str, headers: Mapping[str, str] | 
             f"imagecb API answered HTTP {status} on {endpoint} with a body that is not its JSON envelope; "
             "check the base URL (host) of the connection"
         )
-    try:
-        code = int(payload["code"])
-    except (TypeError, ValueError):
-        code = status
+    code = read_code(payload["code"])
+    msg = _message(payload.get("msg"))
+    if code is None:
+        if status >= 400:
+            code = status
+        else:
+            raise ImageCbProtocolError(
+                f"imagecb API answered HTTP {status} on {endpoint} with an envelope whose code is not a "
+                "number; check the base URL (host) of the connection"
+            )
     if code == 200:
         return payload.get("data")
-    raise error_for(code, str(payload.get("msg") or ""), endpoint, retry_after)
+    raise error_for(code, msg, endpoint, retry_after)
+
+
+def _message(value: Any) -> str:
+    """The envelope's ``msg`` as text; ``null`` and the string ``"null"`` are no message."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "null"):
+        return ""
+    return str(value)
+
+
+# --------------------------------------------------------------------------- record-info
+# A 422 on record-info that says there is no such record, in any case: "The record does not exist"
+# (third-party clients' report), "record is null" (the vendor's own 422 text on a sister endpoint,
+# the 4o Image download-url), "Task not found", "task ... doesn't exist".
+_NO_SUCH_RECORD = re.compile(
+    r"\b(?:record|task)(?:s|id|_id)?\b.*(?:\bnot\s+(?:exists?|found)|n['\u2019]t\s+exists?|\bis\s+null\b)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def record_from_answer(data: Any, remote_task_id: str) -> TaskRecord:
+    """
+    Read the ``data`` of a successful record-info answer for ``remote_task_id`` as a record.
+
+    ``data: null`` (or the string ``"null"``) is how the API answers for a task it does not know
+    in one of its forms: :class:`ImageCbTaskUnknown`, naming the task. Any other ``data`` is read
+    by :meth:`TaskRecord.from_record_info`, which raises only ``ImageCbProtocolError``.
+
+    :param data: what :func:`parse_envelope` returned.
+    :param remote_task_id: the task asked for.
+    """
+    if data is None or (isinstance(data, str) and data.strip().lower() in ("", "null")):
+        raise ImageCbTaskUnknown(
+            404,
+            f"remote task {remote_task_id} is unknown to the API: record-info answered code 200, data null",
+            RECORD_INFO_PATH,
+        )
+    return TaskRecord.from_record_info(data)
+
+
+def record_from_error(error: ImageCbApiError, remote_task_id: str) -> TaskRecord:
+    """
+    Turn the error a record-info call for ``remote_task_id`` raised into what it means; raise it.
+
+    * 404, or a 422 whose message says the record or task does not exist: raises
+      :class:`ImageCbTaskUnknown` naming the remote task and quoting the answer.
+    * any other 422: raises :class:`ImageCbValidationError`, its message naming the remote task.
+    * 501: returns the task's record, ended ``generation_failed`` (code 501, the vendor's message).
+    * anything else: raises ``error`` as it is.
+
+    :param error: the error the call raised (already scrubbed of secrets).
+    :param remote_task_id: the task asked for.
+    """
+    if isinstance(error, ImageCbNotFound) or (
+        isinstance(error, ImageCbValidationError) and _NO_SUCH_RECORD.search(error.msg or "")
+    ):
+        said = f"code {error.code}" + (f" ({error.msg})" if error.msg else "")
+        raise ImageCbTaskUnknown(
+            404,
+            f"remote task {remote_task_id} is unknown to the API: record-info answered {said}",
+            error.endpoint,
+            retry_after=error.retry_after,
+        ) from None
+    if isinstance(error, ImageCbValidationError):
+        raise ImageCbValidationError(
+            error.code,
+            f"{error.msg or 'validation error'} (record-info of remote task {remote_task_id})",
+            error.endpoint,
+            retry_after=error.retry_after,
+        ) from None
+    if isinstance(error, ImageCbGenerationFailedAnswer):
+        return TaskRecord(
+            task_id=remote_task_id,
+            state=TaskState.GENERATE_FAILED,
+            outcome=Outcome.GENERATION_FAILED,
+            code=error.code,
+            message=error.msg,
+        )
+    raise error
 
 
 # ------------------------------------------------------------------------------- retries

@@ -7,7 +7,10 @@ submission is recorded in the task instance's :class:`SubmissionLedger` before t
 so a later try reconnects instead of submitting again (see :func:`plan_slots` for the rule), and
 a request is marked ``sending`` before it goes out, so a submission whose answer was lost is
 reported, never resent. An answer that is not the API's (no envelope, or a task id not of the
-strict form) counts as lost: the request may have been accepted and charged.
+strict form) counts as lost: the request may have been accepted and charged. An answer whose code
+says how the generation ended (501, or 408 to a submission) created nothing: the request ends with
+that outcome, without a remote task, and the next try sends it again. A remote task the API no
+longer knows, in any of the forms it says so, is retired from its slot (:func:`_fail_on_error`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from imagecb_provider.exceptions import (
     ImageCbApiError,
     ImageCbConnectionError,
+    ImageCbOutcomeAnswer,
     ImageCbProtocolError,
     ImageCbSubmissionUncertain,
     InvalidRemoteTaskId,
@@ -199,6 +203,12 @@ class GenerationMixin:
             _settle_uncertain(slot, f"Sent, but its answer could not be used ({str(error).rstrip('.')})")
             ledger.save(entry)
             return
+        except ImageCbOutcomeAnswer as error:
+            # Answered 501 (or 408): no taskId, nothing created, and the hook did not resend it.
+            # The request ends with that outcome now; the next try sends it again.
+            _settle_answered(slot, error)
+            ledger.save(entry)
+            return
         slot.sending = False
         slot.submitted_at = to_iso(datetime.now(UTC))
         ledger.save(entry)
@@ -298,6 +308,20 @@ def _settle_planned_uncertain(slot: Slot) -> None:
         _settle_uncertain(slot, "Its submission's answer was lost in an earlier try")
 
 
+def _settle_answered(slot: Slot, error: ImageCbOutcomeAnswer) -> None:
+    """Settle a slot whose submission was answered with an outcome code (501, 408): no remote task."""
+    slot.outcome, slot.code, slot.sending = error.outcome, error.code, False
+    slot.submitted_at = slot.sending_since
+    vendor = (error.msg or "").rstrip(". ") or _DEFAULT_ANSWERS.get(error.code, "no message")
+    slot.message = (
+        f"{vendor} (the API answered {error.code} to the submission: no task was created; not resent "
+        "in this try, the next try sends it again)"
+    )
+
+
+_DEFAULT_ANSWERS = {501: "Generation failed", 408: "The upstream gave no result in time"}
+
+
 def _settle_uncertain(slot: Slot, cause: str) -> None:
     slot.outcome = Outcome.SUBMISSION_UNCERTAIN.value
     sent = f" (sent at {slot.sending_since})" if slot.sending_since else ""
@@ -320,6 +344,8 @@ def _result(slot: Slot, payload: dict[str, Any]) -> dict[str, Any]:
     )
     if slot.outcome == Outcome.SUBMISSION_UNCERTAIN:
         result["message"] = slot.message or result["message"]
+    elif record is None and slot.code is not None:  # ended at its submission (501, 408): no record
+        result["code"], result["message"] = slot.code, slot.message or result["message"]
     result["earlier"] = list(slot.earlier)
     return result
 
@@ -328,10 +354,12 @@ def _fail_on_error(entry: LedgerEntry, ledger: SubmissionLedger, error: dict) ->
     """
     Raise the API error that ended the wait, leaving the ledger so the next try can go on.
 
-    A remote task the API no longer knows (404) is retired from its slot: the next try submits
-    that request anew instead of meeting the same 404 until the stored state expires.
+    A remote task the API no longer knows is retired from its slot: the next try submits that
+    request anew instead of meeting the same answer until the stored state expires. The hooks
+    report every form of "unknown" (404; 200 with code 422 "The record does not exist"; ``data:
+    null``) as :class:`~imagecb_provider.exceptions.ImageCbTaskUnknown`, code 404.
     """
-    if error.get("code") == 404:
+    if error.get("code") == 404 or error.get("error_type") == "ImageCbTaskUnknown":
         for slot in entry.slots:
             if slot.remote_task_id == error.get("remote_task_id"):
                 slot.outcome, slot.message = None, "unknown to the API (404)"

@@ -9,12 +9,16 @@ so a value written in try 1 is read in try 2 and by a rerun cleared from the UI.
         {"key": "<request fingerprint>", "remote_task_id": "abc" | null, "sending": false,
          "submitted_at": "<ISO 8601>", "outcome": null | "success" | ..., "message": "",
          "polls": 0, "resubmits": 0, "record": {...} | null, "via": "poll" | "callback" | null,
+         "code": null | 501,
          "earlier": [{"remote_task_id": "...", "outcome": "internal_error", "message": "..."}]}]}
 
 ``sending`` is written before a submission goes out and cleared when its answer (the remote task
 id) is stored: a slot still ``sending`` on the next try had its answer lost, so it may have been
-charged and is never resent automatically. ``finished`` says the outcomes were delivered (the
-task returned or raised them); :func:`plan_slots` turns all of it into what each slot does next.
+charged and is never resent automatically. A request whose submission was answered with an
+outcome code (501 "Generation Failed", or 408) ended without a remote task: its slot holds the
+outcome, the ``code`` and the message, no ``remote_task_id``, and is sent again by the next try
+(nothing was created, so nothing can be paid twice). ``finished`` says the outcomes were delivered
+(the task returned or raised them); :func:`plan_slots` turns all of it into what each slot does next.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class Slot:
     resubmits: int = 0
     record: dict[str, Any] | None = None  # the ended task's record (TaskRecord.to_dict())
     via: str | None = None  # how the ending was learned: poll or callback
+    #: The vendor's code when the request ended without a remote task (501 or 408 to its submission).
+    code: int | None = None
     earlier: list[dict[str, Any]] = field(default_factory=list)
 
     def retire(self) -> None:
@@ -61,6 +67,7 @@ class Slot:
             )
         self.remote_task_id, self.sending, self.sending_since, self.submitted_at = None, False, None, None
         self.outcome, self.message, self.polls, self.record, self.via = None, "", 0, None, None
+        self.code = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Slot:

@@ -22,6 +22,7 @@ from imagecb_provider.testing.simulator.config import (
     FAULT_ENDPOINTS,
     FAULT_KINDS,
     TIMESTAMP_FORMATS,
+    UNKNOWN_RECORD_FORMS,
     SimulatorConfig,
 )
 from imagecb_provider.testing.simulator.server import CONFIG_ENV, SimulatorServer, base_url, bind_socket
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--credits", type=float, help="starting credit balance (default 1000)")
     add("--http-status-errors", action="store_true", default=None, help="errors as real HTTP statuses")
     add("--timestamp-format", choices=TIMESTAMP_FORMATS, help="createTime/completeTime form (default iso)")
+    add(
+        "--unknown-record",
+        choices=UNKNOWN_RECORD_FORMS,
+        help="record-info for an unknown task: 200 + code 422 (default), code 404, or data null",
+    )
+    add("--null-strings", action="store_true", default=None, help='write "null" in empty record fields')
     add("--origin-ttl", type=float, help="seconds an origin image URL lives after completion (default 600)")
     add("--download-url-ttl", type=float, help="seconds a fresh download URL lives (default 1200)")
     add("--fault-rate", type=float, help="share of --fault-endpoints calls failing at random (default 0)")
@@ -81,7 +88,8 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Simulat
         if environ.get(env):
             fields[name] = environ[env]
     simple = (
-        "api_key latency time_factor credits http_status_errors timestamp_format origin_ttl "
+        "api_key latency time_factor credits http_status_errors timestamp_format unknown_record null_strings "
+        "origin_ttl "
         "download_url_ttl fault_rate random_failure_rate seed duplicate_callbacks webhook_hmac_key "
         "submit_answer_delay"
     )

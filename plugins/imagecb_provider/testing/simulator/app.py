@@ -275,7 +275,7 @@ class _Api:
         try:
             plan = validate_submission(body)
         except ValidationFailure as error:
-            return self.reject(422, str(error))
+            return self.reject(error.code, str(error))
         model = body.get("model") or "flux-kontext-pro"
         if model in self.state.config.disabled_models:
             return self.reject(505, f"Feature disabled: model {model} is not available")
@@ -309,8 +309,17 @@ class _Api:
             return self.reject(422, "taskId is required")
         task = self.state.tasks.get(task_id)
         if task is None:
-            return self.reject(404, f"Task not found: taskId {task_id!r} does not exist")
+            return self.unknown_record(task_id)
         return self.answer(200, "success", self.state.record(task, str(request.base_url), time.time()))
+
+    def unknown_record(self, task_id: str) -> Response:
+        """Answer record-info for a task this simulator does not know, in the configured form."""
+        form = self.state.config.unknown_record
+        if form == "null":
+            return self.answer(200, "success", None)
+        if form == "404":
+            return self.reject(404, f"Task not found: taskId {task_id!r} does not exist")
+        return self.reject(422, "The record does not exist")  # what third-party clients report
 
     async def credit(self, request: Request) -> Response:
         refused = self.guard(request, "credit", await request.body())
@@ -453,6 +462,16 @@ def _add_controls(
             return JSONResponse({"error": str(error)}, status_code=422)
         state.injections.append(injection)
         return JSONResponse({"queued": len(state.injections)})
+
+    @app.post("/_sim/forget")
+    async def forget(request: Request) -> Response:
+        body = await _json_body(request)
+        task_id = body.get("task_id") if isinstance(body, dict) and set(body) == {"task_id"} else None
+        if not isinstance(task_id, str) or not task_id:
+            return JSONResponse({"error": 'body must be {"task_id": "<taskId>"}'}, status_code=422)
+        if not state.forget(task_id):
+            return JSONResponse({"error": f"no task with taskId {task_id!r}"}, status_code=404)
+        return JSONResponse({"forgotten": [task_id]})
 
     @app.post("/_sim/release")
     async def release(request: Request) -> Response:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from imagecb_provider.testing.simulator.markers import SUCCESS
-from imagecb_provider.testing.simulator.state import SimState, Task
+from imagecb_provider.testing.simulator.state import NULL_STRING, SimState, Task
 
 EMPTY_INFO = {"originImageUrl": "", "resultImageUrl": ""}
 #: Deliveries in flight at once. httpx's pool slows down badly with thousands of queued
@@ -37,10 +37,18 @@ def sign(key: str, task_id: str, timestamp: str) -> str:
     return base64.b64encode(digest).decode()
 
 
-def callback_payload(task: Task, urls: dict[str, str]) -> dict[str, Any]:
-    """The vendor's callback body; failures carry the same shape with empty URLs."""
+def callback_payload(task: Task, urls: dict[str, str], *, null_strings: bool = False) -> dict[str, Any]:
+    """
+    Build the vendor's callback body; failures carry the same shape with empty URLs.
+
+    :param task: the ended task.
+    :param urls: its file links.
+    :param null_strings: write the empty URLs as the string ``"null"`` (config ``null_strings``).
+    """
     outcome = task.outcome
     info = dict(urls) if outcome is SUCCESS else dict(EMPTY_INFO)
+    if null_strings:
+        info = {key: value or NULL_STRING for key, value in info.items()}
     return {
         "code": outcome.callback_code,
         "msg": outcome.callback_msg,
@@ -121,7 +129,9 @@ class CallbackSender:
         self._deliver(task)
 
     def _deliver(self, task: Task) -> None:
-        payload = callback_payload(task, self.state.file_urls(task, task.base_url))
+        payload = callback_payload(
+            task, self.state.file_urls(task, task.base_url), null_strings=self.state.config.null_strings
+        )
         duplicate = self._spawn_duplicate(task, payload) if task.duplicate_callback else None
         self._spawn(self._chain(task, payload, duplicate=False, after_first=duplicate))
 

@@ -23,11 +23,16 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 OUTPUT_FORMATS = ("jpeg", "png")
 MODELS = ("flux-kontext-pro", "flux-kontext-max")
 #: Fault kinds ``fault_kinds`` may name; the default keeps to the first three (record-info's habits).
-FAULT_KINDS = ("500", "455", "429", "drop")
+FAULT_KINDS = ("500", "455", "429", "501", "408", "drop")
 DEFAULT_FAULT_KINDS = ("500", "455", "drop")
 #: Endpoints ``fault_endpoints`` may name: the four API calls and the file downloads.
 FAULT_ENDPOINTS = ("generate", "record-info", "credit", "download-url", "files")
-TIMESTAMP_FORMATS = ("iso", "epoch_ms")
+#: createTime/completeTime forms: ISO with Z (the reference's examples), a space and no zone (a real
+#: answer of another model of the API family), epoch milliseconds (public clients' typing).
+TIMESTAMP_FORMATS = ("iso", "space", "epoch_ms")
+#: How record-info answers for a task it does not know: HTTP 200 with code 422 "The record does
+#: not exist" (what third-party clients report: the default), code 404, or code 200 with data null.
+UNKNOWN_RECORD_FORMS = ("422", "404", "null")
 SECRET_FIELDS = ("api_key", "webhook_hmac_key")
 REDACTED = "***"
 
@@ -46,6 +51,10 @@ class SimulatorConfig:
     deliberately not scaled, so link-expiry tests stay independent of task speed.
     ``hold_callbacks`` keeps each callback that comes due from being sent until
     ``POST /_sim/callbacks/release`` (or until it is turned off, which sends the held ones).
+    ``unknown_record`` is how record-info answers for a task it does not know (see
+    :data:`UNKNOWN_RECORD_FORMS`); ``null_strings`` writes the string ``"null"`` in the empty
+    fields of records and callbacks (``errorCode``, ``errorMessage``, ``completeTime``, the links),
+    as real answers of the API family do.
     """
 
     api_key: str = field(default="test-key", repr=False)
@@ -58,6 +67,8 @@ class SimulatorConfig:
     disabled_models: tuple[str, ...] = ()
     http_status_errors: bool = False
     timestamp_format: str = "iso"
+    unknown_record: str = "422"
+    null_strings: bool = False
     origin_ttl: float = 600.0
     download_url_ttl: float = 1200.0
     random_failure_rate: float = 0.0
@@ -168,6 +179,8 @@ _COERCERS: dict[str, Any] = {
     "disabled_models": _strings,
     "http_status_errors": _boolean,
     "timestamp_format": lambda n, v: _text(n, v, TIMESTAMP_FORMATS),
+    "unknown_record": lambda n, v: _text(n, v, UNKNOWN_RECORD_FORMS),
+    "null_strings": _boolean,
     "origin_ttl": _number,
     "download_url_ttl": _number,
     "random_failure_rate": lambda n, v: _number(n, v, high=1.0),

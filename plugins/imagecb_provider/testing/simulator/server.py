@@ -85,6 +85,16 @@ class RunningSimulator:
         body |= {"msg": msg, "http_status": http_status, "drop": drop, "echo": echo or None}
         self._call("POST", "/_sim/inject", {k: v for k, v in body.items() if v is not None})
 
+    def forget(self, task_id: str) -> None:
+        """
+        Forget a task as the vendor does once its record expires (``POST /_sim/forget``).
+
+        Its record-info then answers in the ``unknown_record`` form; an unknown id raises ``ValueError``.
+
+        :param task_id: the task to forget.
+        """
+        self._call("POST", "/_sim/forget", {"task_id": task_id})
+
     def release(
         self, task_id: str | None = None, *, prompt: str | None = None, all_held: bool = False
     ) -> list[str]:

@@ -99,12 +99,23 @@ class Counters:
 
 
 def format_time(ts: float | None, fmt: str) -> str | int | None:
-    """A timestamp as the vendor might send it: ISO ``...Z`` (seconds) or epoch milliseconds."""
+    """
+    Write a timestamp as the vendor might send it.
+
+    ``iso``: ``2024-03-20T10:30:00Z``; ``space``: ``2026-01-06 08:16:56``, no zone (written in UTC:
+    which zone the vendor means is unknown); ``epoch_ms``: integer milliseconds.
+    """
     if ts is None:
         return None
     if fmt == "epoch_ms":
         return int(ts * 1000)
+    if fmt == "space":
+        return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
     return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: What ``null_strings`` writes in an empty field.
+NULL_STRING = "null"
 
 
 def number(value: float) -> int | float:
@@ -259,7 +270,7 @@ class SimState:
         done = task.done(now)
         succeeded = done and task.outcome is SUCCESS
         fmt = self.config.timestamp_format
-        return {
+        record = {
             "taskId": task.task_id,
             "paramJson": json.dumps(task.params, separators=(",", ":"), ensure_ascii=False),
             "completeTime": format_time(task.complete_at if done else None, fmt),
@@ -269,6 +280,16 @@ class SimState:
             "errorMessage": task.outcome.error_message if done else "",
             "createTime": format_time(task.created, fmt),
         }
+        if self.config.null_strings:
+            if record["response"] is None:
+                record["response"] = {"originImageUrl": None, "resultImageUrl": None}
+            record = _null_strings(record)
+        return record
+
+    def forget(self, task_id: str) -> bool:
+        """Forget a task as the vendor does once its record expires; ``False`` when it is not known."""
+        self.held.pop(task_id, None)
+        return self.tasks.pop(task_id, None) is not None
 
     # --------------------------------------------------------------------- files
     def sign(self, path: str, expires: int) -> str:
@@ -323,6 +344,13 @@ class SimState:
             "held": task.held,
             "submitted_at": task.submitted_at,
         }
+
+
+def _null_strings(value: Any) -> Any:
+    """Write ``"null"`` for every ``None`` or ``""`` in a record (nested objects too)."""
+    if isinstance(value, dict):
+        return {key: _null_strings(item) for key, item in value.items()}
+    return NULL_STRING if value is None or value == "" else value
 
 
 def _netloc(url: str) -> str:

@@ -22,7 +22,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 class ValidationFailure(ValueError):
-    """A submission the vendor would refuse with 422; the message names the field."""
+    """
+    A submission the vendor would refuse; the message names the field.
+
+    :param message: what is wrong, naming the field.
+    :param code: the code the vendor answers it with: 422, but 500 for ``safetyTolerance`` out of
+        range (the quickstart's "Safety Tolerance Out of Range (Code 500)").
+    """
+
+    def __init__(self, message: str, code: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: The answer to a safetyTolerance out of range. The vendor documents the code (500) and the
+#: ranges; the exact wording of its msg is not documented, so this text is a guess.
+SAFETY_TOLERANCE_RANGE = "safetyTolerance must be 0-6 when generating, 0-2 when editing"
 
 
 def validate_submission(body: Any) -> Plan:
@@ -75,4 +90,4 @@ def _check_safety_tolerance(body: dict) -> None:
         raise ValidationFailure(f"safetyTolerance must be an integer, got {type(value).__name__}")
     if not 0 <= value <= high:
         mode = "editing (inputImage set)" if high == 2 else "generating"
-        raise ValidationFailure(f"safetyTolerance must be between 0 and {high} when {mode}, got {value}")
+        raise ValidationFailure(f"{SAFETY_TOLERANCE_RANGE}; got {value} when {mode}", code=500)
