@@ -54,6 +54,11 @@ sample() { mutmut results --all true 2>/dev/null | "$VENV/bin/python" scripts/mu
 
 started=$(date +%s)
 if [[ -n ${SAMPLE:-} ]]; then
+    if [[ ! -d mutants ]]; then
+        # Nothing to sample from yet: a run naming no mutant generates them all (and maps the tests
+        # to them), then stops at "none match any mutant key" without testing any.
+        mutmut run --max-children "${MUTMUT_CHILDREN:-2}" generate.only.x_none__mutmut_0 >/dev/null 2>&1 || true
+    fi
     mapfile -t picked < <(sample "$SAMPLE")
     printf '%s\n' "${picked[@]}" >mutants/picked.txt
     echo "== testing ${#picked[@]} mutant(s) picked at random"
