@@ -9,11 +9,13 @@ Per group of prompts (a mapped task group ``image``, labelled by the prompts' li
                             again after their one resubmission): quarantined; the task fails, so
                             the grid shows red where a prompt was lost
 
+``read_prompts`` first checks the archive root, the connection and, in callback mode, the
+callback receiver: a wrong setting fails there, naming the fix, before anything is paid for.
 ``generate`` submits the group's prompts (paced under the account's rate limit, in the
-``imagecb_submissions`` pool) and waits for all of them in the triggerer; an internal error or a
-failed generation is resubmitted once. Then ``report`` writes ``summary.json`` and the contact
-sheet ``report.html``, and fails the run when a prompt was lost (param ``fail_run_on_lost``) or
-the batch could not start.
+``imagecb_submissions`` pool, which ``airflow db migrate`` creates) and waits for all of them in
+the triggerer; an internal error or a failed generation is resubmitted once. Then ``report``
+writes ``summary.json`` and the contact sheet ``report.html``, and fails the run when a prompt
+was lost (param ``fail_run_on_lost``) or the batch could not start.
 
 Safe to rerun: images live in ``<archive_root>/<day>/images`` and a prompt whose image that
 folder already keeps is not generated again; clearing a group reruns only its prompts that did not
@@ -121,16 +123,25 @@ def imagecb_batch_generate():
     @task
     def read_prompts(day_folder: str, params: dict) -> list[dict]:
         """
-        Validate every row before anything is sent; reuse images this day's runs already kept.
+        Check the setup and validate every row before anything is sent; reuse images already kept.
 
         Returns the groups to generate (what ``image`` maps over); the rest of the batch (rejected
         rows, reused images, credits before) goes to the report as XCom ``batch``.
         """
         from airflow.configuration import conf
 
-        from imagecb_provider.batch.archive import JsonlLedger
+        from imagecb_provider.batch.archive import JsonlLedger, check_archive_destination
         from imagecb_provider.batch.prompts import group_requests, parse_prompt_file, read_prompt_file
+        from imagecb_provider.callbacks.client import check_receiver
         from imagecb_provider.hooks.imagecb import ImageCbHook
+        from imagecb_provider.utils.waiting import connection_settings
+
+        # A wrong setting fails here, once, naming the fix: not in every group after paying.
+        check_archive_destination(day_folder)
+        hook = ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"])
+        settings = connection_settings(hook)
+        if params["wait_mode"] == "callback":
+            print(f"Callback mode: callbacks go to {check_receiver(settings)}")
 
         path = params["prompts_path"]
         batch = parse_prompt_file(
@@ -157,7 +168,7 @@ def imagecb_batch_generate():
                 "items": to_generate,
                 "rejected": batch.rejected,
                 "reused": reused,
-                "credits_before": ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
+                "credits_before": hook.get_credits(),
                 "started_at": datetime.now(UTC).isoformat(),
             },
         )
@@ -227,6 +238,7 @@ def imagecb_batch_generate():
         """Write summary.json and the contact sheet; fail the run if the batch lost prompts or never ran."""
         from airflow.configuration import conf
 
+        from imagecb_provider.batch.archive import check_archive_destination
         from imagecb_provider.batch.report import report_paths, write_report
         from imagecb_provider.hooks.imagecb import ImageCbHook
 
@@ -235,16 +247,23 @@ def imagecb_batch_generate():
         # Pushed first: when the run is failed below, the report is still found from the UI.
         paths = report_paths(_folder(day_folder), dag_run.run_id)
         ti.xcom_push(key="return_value", value=paths)
+        batch = ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM)
+        if batch is None:
+            # read_prompts failed, perhaps on the archive root: fail naming it, not retry writing there.
+            check_archive_destination(day_folder)
         write_report(
             folder=_folder(day_folder),
-            batch=ti.xcom_pull(task_ids="read_prompts", key=BATCH_XCOM),
+            batch=batch,
             generated=ti.xcom_pull(task_ids=[GENERATE_TASK_ID]) or [],
             archived=ti.xcom_pull(task_ids=["image.archive"]) or [],
             dag_id=dag_run.dag_id,
             run_id=dag_run.run_id,
             generate_task_id=GENERATE_TASK_ID,
             prompts_path=params["prompts_path"],
-            credits_after=ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
+            # Without a batch the connection may be what stopped it: nothing was spent anyway.
+            credits_after=None
+            if batch is None
+            else ImageCbHook(imagecb_conn_id=params["imagecb_conn_id"]).get_credits(),
             ui_url=conf.get("api", "base_url", fallback=""),
             fail_on_lost=params["fail_run_on_lost"],
         )

@@ -86,7 +86,6 @@ export AIRFLOW__IMAGECB__ARCHIVE_ROOTS="$ARCHIVE_ROOTS"
 airflow db migrate > "$LOGS/db-migrate.log" 2>&1
 airflow connections delete imagecb_default > /dev/null 2>&1 || true
 airflow connections add imagecb_default --conn-json "$CONN" > /dev/null
-airflow pools set imagecb_submissions 1 "imagecb: one task submits at a time" > /dev/null
 ( for _ in $(seq 120); do
     f="$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated"
     if [ -s "$f" ]; then echo "== user admin; password in $f"; break; fi

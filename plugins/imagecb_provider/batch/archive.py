@@ -34,6 +34,7 @@ from airflow.sdk import ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException
 
 from imagecb_provider.exceptions import (
+    ImageCbConfigurationError,
     ImageCbCorruptFile,
     ImageCbError,
     ImageCbLinkExpired,
@@ -167,6 +168,70 @@ def storage_path(url: str, conn_id: str | None = None) -> ObjectStoragePath:
         parts = os.path.abspath(os.path.expanduser(url)).split("/")
         return ObjectStoragePath("file:///", conn_id=conn_id).joinpath(*[p for p in parts if p])
     return ObjectStoragePath(url, conn_id=conn_id)
+
+
+#: What to install for the usual object-store schemes (the provider brings the filesystem's package).
+FILESYSTEM_PACKAGES = {
+    "s3": "apache-airflow-providers-amazon[s3fs]",
+    "s3a": "apache-airflow-providers-amazon[s3fs]",
+    "gs": "apache-airflow-providers-google",
+    "gcs": "apache-airflow-providers-google",
+    "abfs": "apache-airflow-providers-microsoft-azure",
+    "abfss": "apache-airflow-providers-microsoft-azure",
+    "az": "apache-airflow-providers-microsoft-azure",
+    "adl": "apache-airflow-providers-microsoft-azure",
+}
+
+
+class ImageCbArchiveUnavailable(ImageCbError):
+    """An object store refused or failed the destination check (credentials, bucket, network): retryable."""
+
+
+def check_archive_destination(url: str, conn_id: str | None = None) -> ObjectStoragePath:
+    """
+    Check that files can be written under ``url`` before anything is generated; return its path.
+
+    A local folder is created (with its parents) and a probe file written and removed there; in an
+    object store a probe object is written and removed (no bucket or folder is created).
+
+    :param url: the destination folder: a path, ``file://``, ``s3://``, ``gs://``... URL.
+    :param conn_id: the Airflow connection of an object store.
+    :raises ImageCbConfigurationError: no filesystem is installed for the URL's scheme, or a
+        local folder cannot be created or written; the message names the destination and the fix.
+    :raises ImageCbArchiveUnavailable: the object store refused or failed the probe.
+    """
+    scheme = url.partition("://")[0].lower() if "://" in url else "file"
+    try:
+        path = storage_path(url, conn_id)
+        path.fs  # noqa: B018 - instantiating the filesystem is what fails when its package is missing
+    except (ImportError, ValueError) as error:
+        package = FILESYSTEM_PACKAGES.get(scheme, f"the fsspec filesystem of {scheme}://")
+        raise ImageCbConfigurationError(
+            f"The archive destination {url} cannot be used: no filesystem for {scheme}:// is installed "
+            f"({error}). Install {package} on every worker, or choose a local folder (DAG param "
+            "archive_root). Nothing was generated"
+        ) from None
+    local = path.protocol in LOCAL_PROTOCOLS
+    probe = path / f".imagecb-write-check-{uuid.uuid4().hex}"
+    try:
+        if local:
+            # Not in an object store: there mkdir may create a bucket.
+            path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as error:
+        what = f"{type(error).__name__}: {error}"
+        if local and isinstance(error, OSError):
+            raise ImageCbConfigurationError(
+                f"The archive destination {url} cannot be created or written ({what}). Choose a folder "
+                "every worker can write (DAG param archive_root), or fix its permissions. Nothing was "
+                "generated"
+            ) from None
+        raise ImageCbArchiveUnavailable(
+            f"The archive destination {url} could not be written ({what}): check the bucket, the "
+            "credentials of its connection and the network. Nothing was generated"
+        ) from None
+    return path
 
 
 def sniff_image(body: bytes, url: str) -> tuple[str, str]:

@@ -1,23 +1,34 @@
 """
-``ReceiverClient``: the triggerer's side of the receiver's events endpoints (aiohttp).
+The receiver's clients.
 
-It authenticates with a ``watch`` bearer token it mints itself from the connection (no secret
+``ReceiverClient``: the triggerer's side of the receiver's events endpoints (aiohttp). It
+authenticates with a ``watch`` bearer token it mints itself from the connection (no secret
 travels in trigger kwargs) and renews before expiry. Every failure (network, timeout, non-2xx)
 is one :class:`ReceiverUnavailable` whose message names the method, path and status, never a
 token, so callers can back off and retry without special cases.
+
+:func:`check_receiver`: a task's check, before it submits anything in callback mode, that the
+connection's ``callback_base_url`` leads to the receiver (its health route answers), so a URL
+that leads nowhere fails the task naming it instead of leaving every wait to the safety-net poll.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import requests
+from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema
 
-from imagecb_provider.callbacks.tokens import DEFAULT_WATCH_TTL, receiver_url, watch_token
+from imagecb_provider.callbacks.tokens import CALLBACKS_PATH, DEFAULT_WATCH_TTL, receiver_url, watch_token
+from imagecb_provider.exceptions import ImageCbConfigurationError, ImageCbError
 from imagecb_provider.models import TaskRecord, parse_timestamp
 
 if TYPE_CHECKING:
@@ -29,10 +40,26 @@ if TYPE_CHECKING:
 LOOKUP_CHUNK = 500
 T = TypeVar("T")
 USER_AGENT = "airflow-provider-imagecb-watcher"
+#: Seconds a receiver that answered its health check is trusted by this process, per URL: a batch
+#: of a thousand tasks in one worker checks once every few minutes, not once per task.
+RECEIVER_CHECK_TTL = 300.0
+RECEIVER_CHECK_TIMEOUT = 10.0
+#: Health URL -> monotonic time until which its last good answer holds.
+_HEALTHY_UNTIL: dict[str, float] = {}
+_HEALTHY_LOCK = threading.Lock()
 
 
 class ReceiverUnavailable(Exception):
     """The receiver could not be reached or refused a request; the message holds no secret."""
+
+
+class ImageCbReceiverUnreachable(ImageCbError):
+    """
+    The callback receiver did not answer its health check (network error, timeout, 5xx); nothing was sent.
+
+    Retryable, unlike :class:`~imagecb_provider.exceptions.ImageCbConfigurationError` (an answer
+    that proves the URL wrong): the API server may be restarting.
+    """
 
 
 @dataclass(frozen=True)
@@ -223,3 +250,126 @@ def _position(answer: dict[str, Any]) -> int | None:
 
 def _stored_position(answer: dict[str, Any]) -> int:
     return int(answer["position"])
+
+
+# --------------------------------------------------------------------------- the task's check
+def check_receiver(
+    settings: ImageCbConnectionSettings,
+    *,
+    timeout: float = RECEIVER_CHECK_TIMEOUT,
+    ttl: float = RECEIVER_CHECK_TTL,
+) -> str:
+    """
+    Check that the connection's ``callback_base_url`` leads to the receiver; return the receiver's URL.
+
+    It sends ``GET {callback_base_url}/imagecb/callbacks/health``, which the receiver answers 200
+    with ``{"status": "ok"}``.
+
+    A good answer is trusted for ``ttl`` seconds by this process; a bad one is never kept, so a
+    fixed setting takes effect at the next task.
+
+    :param settings: the ``imagecb`` connection (its ``callback_base_url`` extra).
+    :param timeout: seconds the health check may take.
+    :param ttl: seconds a good answer holds for this process and URL.
+    :raises ImageCbConfigurationError: no ``callback_base_url``, or an answer that is not the
+        receiver's (404, another status, a redirect, a page that is not its JSON): the message
+        names the URL and what came back.
+    :raises ImageCbReceiverUnreachable: no answer, or 5xx (retryable).
+    """
+    base = receiver_url(settings)
+    url = f"{base}/health"
+    now = time.monotonic()
+    with _HEALTHY_LOCK:
+        if _HEALTHY_UNTIL.get(url, 0.0) > now:
+            return base
+    shown = _without_userinfo(url)
+    fix = (
+        f"set the extra callback_base_url of connection {settings.conn_id!r} to the public URL of the "
+        "Airflow API server (or of the standalone receiver) as the vendor reaches it, e.g. "
+        f"https://airflow.example.com, under which {CALLBACKS_PATH}/health answers"
+    )
+    try:
+        # Not through proxies from the environment, like the triggerer's watcher, which reads
+        # the receiver at the same URL.
+        with requests.Session() as http:
+            http.trust_env = False
+            response = http.get(
+                url,
+                timeout=timeout,
+                allow_redirects=False,
+                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
+            )
+    except (InvalidURL, InvalidSchema, MissingSchema) as error:
+        raise ImageCbConfigurationError(
+            f"Callback mode: GET {shown} is not a usable URL ({type(error).__name__}): {fix}; "
+            "nothing was submitted"
+        ) from None
+    except requests.RequestException as error:
+        raise ImageCbReceiverUnreachable(
+            f"Callback mode: the callback receiver's health check GET {shown} got no answer "
+            f"({type(error).__name__}): is the API server up, and is this the URL workers and the "
+            f"vendor reach it at? If not, {fix}; nothing was submitted"
+        ) from None
+    status = response.status_code
+    if status >= 500:
+        detail = _detail(response)
+        hint = " (if its tables are missing, run `airflow db migrate`)" if status == 503 else ""
+        raise ImageCbReceiverUnreachable(
+            f"Callback mode: the callback receiver's health check GET {shown} answered {status}{detail}"
+            f"{hint}; nothing was submitted"
+        )
+    if 300 <= status < 400:
+        where = _without_userinfo(response.headers.get("Location", "elsewhere"))
+        raise ImageCbConfigurationError(
+            f"Callback mode: GET {shown} answered {status}, a redirect to {where}: the vendor's callbacks "
+            f"are POSTs and are not redirected, so {fix} (the one it redirects to); nothing was submitted"
+        )
+    if status != 200:
+        raise ImageCbConfigurationError(
+            f"Callback mode: GET {shown} answered {status}{_detail(response)}, so every callback would be "
+            f"refused the same way and each wait left to its safety-net poll: {fix}; nothing was submitted"
+        )
+    if not _is_health_answer(response):
+        kind = response.headers.get("Content-Type", "no content type")
+        raise ImageCbConfigurationError(
+            f"Callback mode: GET {shown} answered 200 but not the receiver's health JSON ({kind}): "
+            f"something else serves that URL: {fix}; nothing was submitted"
+        )
+    with _HEALTHY_LOCK:
+        _HEALTHY_UNTIL[url] = time.monotonic() + ttl
+    return base
+
+
+def _is_health_answer(response: requests.Response) -> bool:
+    """Whether an answer is the receiver's health JSON, ``{"status": "ok"}``."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == "ok"
+
+
+def _detail(response: requests.Response) -> str:
+    """The answer's ``detail`` (FastAPI's error text), shortened, or its first characters."""
+    try:
+        body = response.json()
+        text = body.get("detail") if isinstance(body, dict) else None
+        text = text if isinstance(text, str) else json.dumps(body)
+    except ValueError:
+        text = response.text
+    text = " ".join((text or "").split())[:200]
+    return f" ({text})" if text else ""
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL without a ``user:password@`` part, to show in a message."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def forget_receiver_checks() -> None:
+    """Forget every good health check of this process (for tests)."""
+    with _HEALTHY_LOCK:
+        _HEALTHY_UNTIL.clear()

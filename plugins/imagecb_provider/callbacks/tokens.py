@@ -58,6 +58,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import math
 import re
 import time
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from imagecb_provider.hooks.imagecb import ImageCbConnectionSettings
+
+log = logging.getLogger(__name__)
 
 TOKEN_VERSION = 2
 PURPOSE_TI = "ti"
@@ -117,6 +120,8 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _TEMPLATE = re.compile(r"\{[A-Z_]+\}")
 #: Grants already registered with the secrets masker by this process (each costs a regex rebuild).
 _MASKED: set[str] = set()
+#: ``callback_base_url`` values whose receiver prefix was dropped and logged by this process.
+_NORMALIZED: set[str] = set()
 _FIELD_COUNTS = {PURPOSE_TI: 9, PURPOSE_WATCH: 4, PURPOSE_ASSET: 5}
 _SLOT_INDEX = 8
 
@@ -509,6 +514,11 @@ def receiver_url(settings: ImageCbConnectionSettings) -> str:
     """
     Return the receiver's base URL (``{callback_base_url}/imagecb/callbacks``) for a connection.
 
+    A ``callback_base_url`` that already ends with the receiver's prefix (``/imagecb`` or
+    ``/imagecb/callbacks``, with or without a final ``/``) is taken without it, so the prefix is
+    never added twice; this is logged once per process and URL.
+
+    :param settings: the ``imagecb`` connection.
     :raises ImageCbConfigurationError: the connection has no ``callback_base_url`` extra.
     """
     if not settings.callback_base_url:
@@ -516,7 +526,25 @@ def receiver_url(settings: ImageCbConnectionSettings) -> str:
             f"Connection {settings.conn_id!r} has no callback_base_url extra: set it to the public URL of "
             "the Airflow API server (e.g. https://airflow.example.com) to receive callbacks"
         )
-    return f"{settings.callback_base_url}{CALLBACKS_PATH}"
+    given = settings.callback_base_url.rstrip("/")
+    base = given
+    for suffix in (CALLBACKS_PATH, MOUNT_PREFIX):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    if base != given and given not in _NORMALIZED:
+        _NORMALIZED.add(given)
+        log.info(
+            "Connection %r: callback_base_url %s ends with %s, which the provider adds itself; "
+            "using %s, so callbacks go to %s%s/...",
+            settings.conn_id,
+            given,
+            given[len(base) :],
+            base,
+            base,
+            CALLBACKS_PATH,
+        )
+    return f"{base}{CALLBACKS_PATH}"
 
 
 def callback_url(

@@ -28,6 +28,7 @@ from imagecb_provider.utils.waiting import (
     check_failure_mode,
     check_positive,
     check_wait_mode,
+    connection_settings,
     default_poll_interval,
 )
 
@@ -76,6 +77,27 @@ class _GenerateBase(GenerationMixin, ImageTaskWaitMixin, BaseOperator):
     @cached_property
     def hook(self) -> ImageCbHook:
         return ImageCbHook(imagecb_conn_id=self.imagecb_conn_id)
+
+    def generate(self, context: Context, *, submit: bool = True) -> Any:
+        """
+        Check the arguments and the setup, then submit and wait (see :class:`GenerationMixin`).
+
+        Before anything is sent: the rendered arguments must be valid, the connection must exist,
+        and in callback mode its ``callback_base_url`` must lead to the receiver; otherwise the task
+        fails naming the fix.
+
+        :param submit: ``False`` only plans and submits, without waiting.
+        """
+        # The arguments first: a bad rendered value is the DAG's fault, whatever the deployment.
+        wait_mode = check_wait_mode(self.wait_mode)
+        check_bool("deferrable", self.deferrable)
+        self.generation_requests()
+        settings = connection_settings(self.hook)
+        if wait_mode == "callback":
+            from imagecb_provider.callbacks.client import check_receiver
+
+            self.log.info("Callback mode: callbacks go to %s", check_receiver(settings))
+        return super().generate(context, submit=submit)
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """Describe this run for OpenLineage: the requests (and inlets) read, the remote tasks made."""

@@ -1,20 +1,21 @@
 """
 What the generate operators and the task sensor share: waiting for remote tasks (deferred to
 :class:`ImageTaskTrigger`, or the same trigger run inline in the worker), checking the waiting
-arguments, and turning outcomes into the returned results or, with ``failure_mode="raise"``,
-into the outcome's exception.
+arguments and the connection, and turning outcomes into the returned results or, with
+``failure_mode="raise"``, into the outcome's exception.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from logging import Logger
 from typing import TYPE_CHECKING, Any, Protocol
 
-from imagecb_provider.exceptions import OUTCOME_ERRORS, ImageCbError
+from imagecb_provider.exceptions import OUTCOME_ERRORS, ImageCbConfigurationError, ImageCbError
 from imagecb_provider.hooks.protocol import error_for
 from imagecb_provider.models import Outcome, parse_timestamp
 from imagecb_provider.triggers.task import (
@@ -27,6 +28,8 @@ from imagecb_provider.triggers.task import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from airflow.triggers.base import BaseTrigger
+
+    from imagecb_provider.hooks.imagecb import ImageCbConnectionSettings, ImageCbHook
 
 FAILURE_MODES = ("raise", "return")
 #: How long past its own deadline the trigger may run before Airflow's deferral timeout fires:
@@ -90,6 +93,32 @@ def check_wait_mode(value: str) -> str:
 def default_poll_interval(wait_mode: str) -> float:
     """30 s when polling; 5 minutes when polling is only the safety net of callback mode."""
     return DEFAULT_SAFETY_POLL_INTERVAL if wait_mode == "callback" else DEFAULT_POLL_INTERVAL
+
+
+def connection_settings(hook: ImageCbHook) -> ImageCbConnectionSettings:
+    """
+    Return the settings of the hook's connection; one that is not defined fails at once, naming it.
+
+    Airflow's own error (``The conn_id ... isn't defined``) is retried like any error, and says
+    neither what type of connection is wanted nor how to make one.
+
+    :param hook: the hook whose ``imagecb_conn_id`` to read.
+    :raises ImageCbConfigurationError: no connection of that id in any secrets backend, or one
+        without an API key or with an invalid extra.
+    """
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return hook.settings
+    except AirflowNotFoundException:
+        conn_id = hook.imagecb_conn_id
+        conn_json = json.dumps({"conn_type": "imagecb", "password": "<API key>"})
+        raise ImageCbConfigurationError(
+            f"Connection {conn_id!r} is not defined. Create it (type imagecb, the API key as password): "
+            f"airflow connections add {conn_id} --conn-json '{conn_json}', or set the environment "
+            f"variable AIRFLOW_CONN_{conn_id.upper()} to that JSON; or point imagecb_conn_id at a "
+            "connection that exists. Nothing was submitted"
+        ) from None
 
 
 def error_from_event(details: Mapping[str, Any]) -> ImageCbError:
