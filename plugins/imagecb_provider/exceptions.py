@@ -27,6 +27,17 @@ from __future__ import annotations
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 
+def shortened(value: object, limit: int) -> str:
+    """
+    Return ``repr(value)``, cut to ``limit`` characters with an ellipsis: how errors show what they refused.
+
+    :param value: the refused value.
+    :param limit: the most characters shown.
+    """
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[: limit - 3]}..."
+
+
 class ImageCbError(AirflowException):
     """Base class of every error this provider raises."""
 
@@ -210,9 +221,7 @@ class ImageCbMalformedAnswer(ImageCbProtocolError, ValueError):
     def __init__(self, where: str, field: str, value: object, expected: str) -> None:
         self.where = where
         self.field = field
-        shown = repr(value)
-        if len(shown) > 60:
-            shown = f"{shown[:57]}..."
+        shown = shortened(value, 60)
         super().__init__(f"Refused {where}: its {field} is {shown}, expected {expected}")
 
 
@@ -229,9 +238,7 @@ class InvalidGenerationRequest(ImageCbError, AirflowFailException, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = f"{shown[:77]}..."
+        shown = shortened(value, 80)
         super().__init__(f"Invalid {field}={shown}: {allowed}")
 
 
@@ -245,13 +252,50 @@ class InvalidRemoteTaskId(ImageCbProtocolError, ValueError):
 
     def __init__(self, where: str, value: object) -> None:
         self.where = where
-        shown = repr(value)
-        if len(shown) > 40:
-            shown = f"{shown[:37]}..."
+        shown = shortened(value, 40)
         super().__init__(
             f"Refused the remote task id {shown} from {where}: a remote task id is 1 to 128 letters, "
             "digits, '_' or '-'"
         )
+
+
+class ImageCbArchiveTargetRefused(ImageCbError, AirflowFailException):
+    """
+    A file the archive will not write: its name is not a remote task id, or its path leaves the destination.
+
+    Nothing was written for it. A retry would meet the same id, so the task fails at once.
+
+    :param remote_task_id: what the file would have been named after (shown shortened, never used).
+    :param destination: the archive's destination folder.
+    :param reason: why, in words.
+    """
+
+    def __init__(self, remote_task_id: object, destination: object, reason: str) -> None:
+        self.remote_task_id = remote_task_id
+        self.destination = str(destination)
+        self.reason = reason
+        shown = shortened(remote_task_id, 40)
+        super().__init__(
+            f"Refused to archive remote task id {shown} into {self.destination}: {reason}; "
+            "nothing was written"
+        )
+
+
+class ImageCbArchiveUnavailable(ImageCbError):
+    """An object store refused or failed the destination check (credentials, bucket, network): retryable."""
+
+
+class ImageCbDownloadRefused(ImageCbError, AirflowFailException):
+    """A file link (or a redirect) this connection does not download from; fails at once, never retried."""
+
+
+class ImageCbReceiverUnreachable(ImageCbError):
+    """
+    The callback receiver did not answer its health check (network error, timeout, 5xx); nothing was sent.
+
+    Retryable, unlike :class:`~imagecb_provider.exceptions.ImageCbConfigurationError` (an answer
+    that proves the URL wrong): the API server may be restarting.
+    """
 
 
 # ------------------------------------------------------------------------ task outcome errors

@@ -44,6 +44,10 @@ def get_provider_info() -> dict:
         "task-decorators": [
             {"name": "imagecb", "class-name": "imagecb_provider.decorators.imagecb.imagecb_task"}
         ],
+        # The API server app, the run tab and the global extra links, as official providers declare
+        # theirs. Airflow loads provider-declared plugins only with [core] lazy_discover_providers
+        # = False; by default it finds plugins through the ``airflow.plugins`` entry point.
+        "plugins": [{"name": "imagecb", "plugin-class": "imagecb_provider.plugin.ImageCbPlugin"}],
         # The [imagecb] options, shown by `airflow config list` (the sensitive one masked).
         "config": {
             "imagecb": {

@@ -18,12 +18,11 @@ from airflow.sdk.exceptions import AirflowFailException
 from cbhelpers import ServerThread, wait_until
 
 from imagecb_provider.callbacks.client import (
-    ImageCbReceiverUnreachable,
     check_receiver,
     forget_receiver_checks,
 )
 from imagecb_provider.callbacks.tokens import receiver_url
-from imagecb_provider.exceptions import ImageCbConfigurationError
+from imagecb_provider.exceptions import ImageCbConfigurationError, ImageCbReceiverUnreachable
 
 pytestmark = pytest.mark.timeout(120)
 

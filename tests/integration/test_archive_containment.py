@@ -25,10 +25,10 @@ from PIL import Image
 from imagecb_provider.batch.archive import (
     SOURCES,
     ArchiveStore,
-    ImageCbArchiveTargetRefused,
     archive_target,
     storage_path,
 )
+from imagecb_provider.exceptions import ImageCbArchiveTargetRefused
 from imagecb_provider.models import REMOTE_TASK_ID
 from imagecb_provider.operators.archive import ImageArchiveOperator
 from imagecb_provider.operators.generate import ImageGenerateOperator

@@ -10,8 +10,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from imagecb_provider.batch import archive
-from imagecb_provider.batch.archive import ImageCbArchiveUnavailable, check_archive_destination
-from imagecb_provider.exceptions import ImageCbConfigurationError
+from imagecb_provider.batch.archive import check_archive_destination
+from imagecb_provider.exceptions import ImageCbArchiveUnavailable, ImageCbConfigurationError
 
 
 def test_a_folder_that_can_be_made_is_made_and_left_empty(tmp_path):

@@ -31,9 +31,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import ObjectStoragePath
-from airflow.sdk.exceptions import AirflowFailException
 
 from imagecb_provider.exceptions import (
+    ImageCbArchiveTargetRefused,
+    ImageCbArchiveUnavailable,
     ImageCbConfigurationError,
     ImageCbCorruptFile,
     ImageCbError,
@@ -66,30 +67,6 @@ _JPEG = ("image/jpeg", "jpg", b"\xff\xd8\xff", b"\xff\xd9")
 _PNG = ("image/png", "png", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")  # the IEND chunk and its CRC
 
 log = logging.getLogger(__name__)
-
-
-class ImageCbArchiveTargetRefused(ImageCbError, AirflowFailException):
-    """
-    A file the archive will not write: its name is not a remote task id, or its path leaves the destination.
-
-    Nothing was written for it. A retry would meet the same id, so the task fails at once.
-
-    :param remote_task_id: what the file would have been named after (shown shortened, never used).
-    :param destination: the archive's destination folder.
-    :param reason: why, in words.
-    """
-
-    def __init__(self, remote_task_id: object, destination: object, reason: str) -> None:
-        self.remote_task_id = remote_task_id
-        self.destination = str(destination)
-        self.reason = reason
-        shown = repr(remote_task_id)
-        if len(shown) > 40:
-            shown = f"{shown[:37]}..."
-        super().__init__(
-            f"Refused to archive remote task id {shown} into {self.destination}: {reason}; "
-            "nothing was written"
-        )
 
 
 def archive_remote_task_id(value: object, destination: object) -> str:
@@ -181,10 +158,6 @@ FILESYSTEM_PACKAGES = {
     "az": "apache-airflow-providers-microsoft-azure",
     "adl": "apache-airflow-providers-microsoft-azure",
 }
-
-
-class ImageCbArchiveUnavailable(ImageCbError):
-    """An object store refused or failed the destination check (credentials, bucket, network): retryable."""
 
 
 def check_archive_destination(url: str, conn_id: str | None = None) -> ObjectStoragePath:

@@ -28,7 +28,7 @@ import requests
 from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema
 
 from imagecb_provider.callbacks.tokens import CALLBACKS_PATH, DEFAULT_WATCH_TTL, receiver_url, watch_token
-from imagecb_provider.exceptions import ImageCbConfigurationError, ImageCbError
+from imagecb_provider.exceptions import ImageCbConfigurationError, ImageCbReceiverUnreachable
 from imagecb_provider.models import TaskRecord, parse_timestamp
 
 if TYPE_CHECKING:
@@ -51,15 +51,6 @@ _HEALTHY_LOCK = threading.Lock()
 
 class ReceiverUnavailable(Exception):
     """The receiver could not be reached or refused a request; the message holds no secret."""
-
-
-class ImageCbReceiverUnreachable(ImageCbError):
-    """
-    The callback receiver did not answer its health check (network error, timeout, 5xx); nothing was sent.
-
-    Retryable, unlike :class:`~imagecb_provider.exceptions.ImageCbConfigurationError` (an answer
-    that proves the URL wrong): the API server may be restarting.
-    """
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import certifi
-from airflow.sdk.exceptions import AirflowFailException
 from requests.utils import requote_uri
 from urllib3 import BaseHTTPResponse
 from urllib3.connection import HTTPConnection, HTTPSConnection
@@ -42,7 +41,7 @@ from urllib3.util.ssl_match_hostname import CertificateError
 from imagecb_provider.exceptions import (
     ImageCbConnectionError,
     ImageCbCorruptFile,
-    ImageCbError,
+    ImageCbDownloadRefused,
     ImageCbLinkExpired,
     ImageCbProtocolError,
 )
@@ -65,10 +64,6 @@ _CHUNK = 256 * 1024
 # Addresses that carry an IPv4 address inside an IPv6 one (NAT64 well-known prefix): the
 # embedded address is what is finally reached, so it is what gets checked.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class ImageCbDownloadRefused(ImageCbError, AirflowFailException):
-    """A file link (or a redirect) this connection does not download from; fails at once, never retried."""
 
 
 # ------------------------------------------------------------------------------ the allow-list

@@ -316,7 +316,7 @@ class ImageCbHook(BaseHook):
         Sent without the API key: file links are pre-signed and may live on another host, which
         must never see the key. Only the hosts the connection allows are fetched from, on every
         redirect too (see :class:`ImageCbConnectionSettings`); any other link raises
-        :class:`~.downloads.ImageCbDownloadRefused` at once. A refused or expired link raises
+        :class:`~imagecb_provider.exceptions.ImageCbDownloadRefused` at once. A refused or expired link raises
         :class:`ImageCbLinkExpired` at once (ask for a fresh link instead); network errors and
         5xx are retried.
 

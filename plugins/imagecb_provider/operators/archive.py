@@ -107,7 +107,7 @@ class ImageArchiveOperator(BaseOperator):
 
     Files are named after the results' remote task ids: a successful result whose ``task_id`` is
     not of the strict form (1 to 128 letters, digits, ``_`` or ``-``) fails the task with
-    :class:`~imagecb_provider.batch.archive.ImageCbArchiveTargetRefused` before anything is
+    :class:`~imagecb_provider.exceptions.ImageCbArchiveTargetRefused` before anything is
     downloaded or written, and so does any file whose path would leave ``destination``.
     """
 
