@@ -1,5 +1,5 @@
 """
-The Airflow plugin of the provider (``plugins/imagecb_plugin.py`` loads it).
+The Airflow plugin of the provider, found through the ``airflow.plugins`` entry point of the distribution.
 
 * ``fastapi_apps``: one app under ``/imagecb`` on the API server: the callback receiver
   (``/imagecb/callbacks/...``) and the runs' contact sheets (``/imagecb/dags/...``), the latter

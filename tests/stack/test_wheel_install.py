@@ -230,12 +230,8 @@ def test_the_plugin_is_declared_in_the_provider_info(deployment: Deployment):
     _assert_fastapi_app(plugin)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the wheel declares no `airflow.plugins` entry point: with Airflow's defaults "
-    "([core] lazy_discover_providers = True) the plugin is found only through plugins/imagecb_plugin.py",
-)
 def test_the_plugin_is_discovered_without_a_plugins_folder(deployment: Deployment):
+    """With Airflow's defaults the plugin comes from the wheel's ``airflow.plugins`` entry point."""
     (plugin,) = _imagecb_plugin(deployment)
     _assert_fastapi_app(plugin)
 
