@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: ``[imagecb] callback_signing_keys`` of the callback tests (conftest.py puts it in the environment,
@@ -272,3 +274,41 @@ def callback_body(remote_task_id: str) -> bytes:
         "data": {"taskId": remote_task_id, "info": {"resultImageUrl": "x"}},
     }
     return json.dumps(data).encode()
+
+
+#: The local PostgreSQL (127.0.0.1:5432, user ``postgres``, trust) the store and migrate tests use.
+POSTGRES_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str) -> Iterator[str]:
+    """
+    Create an empty database on the local PostgreSQL; yield its URL; drop it after.
+
+    :param prefix: the start of the database's name (a random suffix follows).
+    """
+    import pytest
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(
+        f"{POSTGRES_SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=sa.NullPool
+    )
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        pytest.fail(
+            f"PostgreSQL does not answer on 127.0.0.1:5432 as user postgres (trust): {error.orig}",
+            pytrace=False,
+        )
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                {"name": name},
+            )
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()

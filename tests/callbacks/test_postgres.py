@@ -11,20 +11,18 @@ its own database and drops it. Without PostgreSQL they fail: they are never skip
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from cbhelpers import StandaloneReceiver, attempts, submit, wait_until
+from cbhelpers import StandaloneReceiver, attempts, postgres_database, submit, wait_until
 from migration_checks import HEAD, REVISION_0001, check_upgraded, fill_0001
 
 from imagecb_provider.callbacks.store import CallbackStore
@@ -34,40 +32,7 @@ from imagecb_provider.utils.ledger import STATE_KEY, LedgerEntry, Slot
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 MANAGER = "imagecb_provider.callbacks.db.CallbackDBManager"
-
-
-def _admin_engine() -> sa.Engine:
-    return sa.create_engine(f"{SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-
-
-@contextlib.contextmanager
-def _fresh_database() -> Iterator[str]:
-    """Create an empty database on the local PostgreSQL; yield its URL; drop it after."""
-    admin = _admin_engine()
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as error:
-        pytest.fail(
-            "PostgreSQL is required for tests/callbacks/test_postgres.py but none answers on 127.0.0.1:5432 "
-            f"as user postgres (trust): {error.orig}",
-            pytrace=False,
-        )
-    name = f"imagecb_cb_test_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
-                {"name": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def _airflow_db_migrate(url: str, home: Path) -> None:
@@ -84,7 +49,7 @@ def _airflow_db_migrate(url: str, home: Path) -> None:
 @pytest.fixture(scope="module")
 def pg_url(tmp_path_factory):
     """A fresh database migrated by ``airflow db migrate`` (with the provider's db-manager), dropped after."""
-    with _fresh_database() as url:
+    with postgres_database("imagecb_cb_test") as url:
         _airflow_db_migrate(url, tmp_path_factory.mktemp("pg-airflow-home"))
         yield url
 
@@ -200,7 +165,7 @@ def test_the_asset_quota_holds_under_concurrency(pg_engine):
 
 def test_airflow_db_migrate_upgrades_a_0001_database_with_rows(tmp_path):
     """A database the previous release migrated (revision 0001), with callbacks and cursors in it."""
-    with _fresh_database() as url:
+    with postgres_database("imagecb_cb_test") as url:
         at_0001 = (
             "from alembic import command\n"
             f"from {MANAGER.rsplit('.', 1)[0]} import CallbackDBManager\n"

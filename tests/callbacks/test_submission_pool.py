@@ -9,16 +9,15 @@ local PostgreSQL (127.0.0.1:5432, user ``postgres``, trust; the case fails witho
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from cbhelpers import postgres_database
 
 from imagecb_provider.callbacks.db import SUBMISSION_POOL_DESCRIPTION, ensure_submission_pool
 from imagecb_provider.utils.pacing import SUBMISSION_POOL
@@ -26,31 +25,6 @@ from imagecb_provider.utils.pacing import SUBMISSION_POOL
 pytestmark = [pytest.mark.airflow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_SERVER = "postgresql+psycopg2://postgres@127.0.0.1:5432"
-
-
-@contextlib.contextmanager
-def _postgres_database() -> Iterator[str]:
-    """Create an empty database on the local PostgreSQL; yield its URL; drop it after."""
-    admin = sa.create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    name = f"imagecb_pool_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as error:
-        pytest.fail(
-            f"PostgreSQL does not answer on 127.0.0.1:5432 as user postgres: {error.orig}", pytrace=False
-        )
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
-                {"name": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -58,7 +32,7 @@ def database_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'airflow.db'}"
         return
-    with _postgres_database() as url:
+    with postgres_database("imagecb_pool_test") as url:
         yield url
 
 
