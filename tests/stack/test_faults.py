@@ -160,7 +160,12 @@ def test_scheduler_killed_mid_batch(
     for name in frozen:  # reset by the orphan check and run again, successfully
         assert figures.failed_tries.get(name, [])[-1:] == ["success"], (name, figures.failed_tries)
         assert len(figures.failed_tries[name]) >= 2
-    assert set(figures.other_failures) <= set(frozen)
+    # A LocalExecutor's tasks die with its scheduler: beside the frozen one, group 0's settle (it
+    # runs beside archive) may have been running too. Only group 0 may fail a try, and each such
+    # task must have run again to success.
+    for name, tries in figures.other_failures.items():
+        assert name.endswith("[0]"), (name, figures.failed_tries)
+        assert tries[-1:] == ["success"], (name, figures.failed_tries)
     figures.notes["killed"] = f"scheduler ({len(killed)} processes) in the middle of {', '.join(frozen)}"
     report_case(request.config, figures)
 
