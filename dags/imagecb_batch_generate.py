@@ -193,6 +193,12 @@ def imagecb_batch_generate():
             # The grid shows the reason in the failed instance's name.
             outcomes = ", ".join(sorted({str(e["outcome"]) for e in lost}))
             context["imagecb_label"] = f"{label} · {len(lost)} lost: {outcomes}"
+            not_sent = [e for e in lost if e["outcome"] == "not_sent"]
+            if not_sent:  # the account refused them: nothing was paid, a rerun sends exactly these
+                raise AirflowFailException(
+                    f"{len(not_sent)} of {len(results or ())} prompt(s) of {label} were not sent. "
+                    + not_sent[0]["message"].removeprefix("Not sent: ")
+                )
             raise AirflowFailException(
                 f"{len(lost)} of {len(results or ())} prompt(s) of {label} ended without an image: "
                 + "; ".join(f"{e['prompt'][:60]!r}: {e['outcome']}" for e in lost)

@@ -55,3 +55,24 @@ def _fresh_render_times():
     triggers = sys.modules.get("imagecb_provider.triggers.task")
     if triggers is not None:
         triggers.RENDER_TIMES.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_account_hold_left(request):
+    """End every test with no account hold (utils/limiter.py), in this process or in Airflow's Variables."""
+    yield
+    import sys
+
+    limiter = sys.modules.get("imagecb_provider.utils.limiter")
+    if limiter is None:
+        return
+    with limiter.HoldStore._LOCAL_LOCK:
+        limiter.HoldStore._LOCAL.clear()
+    if "airflow_db" in request.fixturenames:
+        from airflow.models.variable import Variable
+        from airflow.utils.session import create_session
+
+        with create_session() as session:
+            session.query(Variable).filter(Variable.key.like("imagecb_account_hold__%")).delete(
+                synchronize_session=False
+            )

@@ -125,6 +125,24 @@ class ImageCbRateLimited(ImageCbTransientApiError):
     advice = "Rate limited (about 20 submissions per 10 s per account); the request was not queued"
 
 
+class ImageCbRateCapped(ImageCbPermanentApiError):
+    """
+    The account refused submissions for longer than a burst: a per-key hourly, daily or total cap.
+
+    Raised instead of :class:`ImageCbRateLimited` when a 429 asks to wait longer than
+    :data:`~imagecb_provider.utils.limiter.CAP_RETRY_AFTER`, or when the same submission was
+    refused with 429 through every attempt of the hook's retry policy (over 30 s, three windows of
+    the documented 10-s limit). A generate task then stops submitting: its unsent requests end
+    ``not_sent`` and the account is put on hold for every other task.
+    """
+
+    advice = (
+        "The account refused submissions for longer than a burst (the key's hourly, daily or total "
+        "cap, see the key's settings): nothing more is sent until it lifts; clear the run then, and "
+        "only the requests never sent are sent"
+    )
+
+
 class ImageCbUnavailable(ImageCbTransientApiError):
     advice = "The service is unavailable or in maintenance; try again later"
 
@@ -242,6 +260,33 @@ class InvalidGenerationRequest(ImageCbError, AirflowFailException, ValueError):
         super().__init__(f"Invalid {field}={shown}: {allowed}")
 
 
+class InvalidInputImage(InvalidGenerationRequest):
+    """
+    An input image that cannot be sent: missing, not a PNG, JPEG or WEBP image, or too large.
+
+    Raised while the file is read, before anything is uploaded or submitted, so nothing is spent;
+    a retry would read the same file, so the task fails at once.
+
+    :param source: the file as shown (a path or URL without query or credentials).
+    :param reason: what is wrong with it, in words.
+    :param fix: what to do about it, in words.
+    """
+
+    def __init__(self, source: str, reason: str, fix: str) -> None:
+        self.source = source
+        self.reason = reason
+        self.fix = fix
+        self.field, self.value, self.allowed = "input_image", source, f"{reason}; {fix}"
+        # Not InvalidGenerationRequest's text: a path cut at 80 characters would lose its file name.
+        super(InvalidGenerationRequest, self).__init__(
+            f"Invalid input_image {shortened(source, 400)}: {reason}; {fix}"
+        )
+
+
+class InputImageUnavailable(ImageCbError):
+    """An input image's store failed the read (credentials, bucket, network): retryable, nothing was sent."""
+
+
 class InvalidRemoteTaskId(ImageCbProtocolError, ValueError):
     """
     A remote task id that is not of the one strict form, wherever it came from.
@@ -351,6 +396,17 @@ class ImageSubmissionUncertain(ImageTaskFailed, ImageCbSubmissionUncertain):
     outcome = "submission_uncertain"
 
 
+class ImageNotSent(ImageTaskFailed, AirflowFailException):
+    """
+    The request was never sent: the account refused submissions (no credits, or a cap).
+
+    Fails at once: a retry minutes later would meet the same refusal. Nothing was created or
+    charged, so a rerun cleared once the account allows it again sends the request.
+    """
+
+    outcome = "not_sent"
+
+
 #: Outcome name -> the error an operator raises for it with ``failure_mode="raise"``.
 OUTCOME_ERRORS: dict[str, type[ImageTaskFailed]] = {
     cls.outcome: cls
@@ -360,5 +416,6 @@ OUTCOME_ERRORS: dict[str, type[ImageTaskFailed]] = {
         ImageGenerationFailed,
         ImageTaskTimeout,
         ImageSubmissionUncertain,
+        ImageNotSent,
     )
 }

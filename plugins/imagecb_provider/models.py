@@ -67,6 +67,9 @@ class Outcome(StrEnum):
     #: The submission was sent but its answer was lost: it may exist and be charged, so it is
     #: never resent automatically (the API has no idempotency key).
     SUBMISSION_UNCERTAIN = "submission_uncertain"
+    #: Never sent: the account refused submissions (credits ran out, or a cap that lasts longer
+    #: than a burst), so nothing was created or charged; the next try or a cleared rerun sends it.
+    NOT_SENT = "not_sent"
 
 
 class TaskState(StrEnum):
@@ -598,4 +601,6 @@ _DEFAULT_MESSAGES = {
     Outcome.TIMEOUT: "Still generating at the deadline",
     Outcome.SUBMISSION_UNCERTAIN: "The submission was sent but its answer was lost; it may have been "
     "charged, so it was not resent: check the account, then clear the task to submit again",
+    Outcome.NOT_SENT: "Not sent: the account refused submissions (credits or a cap); clear the run "
+    "once it allows them again",
 }

@@ -556,7 +556,9 @@ def test_a_guarded_task_skips_when_its_branch_made_no_decision(run_dag):
 def test_unknown_outcome_key_is_rejected_with_the_allowed_names():
     with pytest.raises(ValueError, match="unknown outcome 'sucess'") as error:
         ImageOutcomeBranchOperator(task_id="route", result=None, branches={"sucess": "archive"})
-    names = "success, content_policy, internal_error, generation_failed, timeout, submission_uncertain"
+    names = (
+        "success, content_policy, internal_error, generation_failed, timeout, submission_uncertain, not_sent"
+    )
     assert f"allowed outcomes: {names}" in str(error.value)
     assert names.split(", ") == list(OUTCOMES)
 

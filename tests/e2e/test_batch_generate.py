@@ -29,6 +29,7 @@ EXPECTED_COUNTS = {
     "generation_failed": 1,
     "timeout": 1,  # [sim:latency=120] with a short timeout
     "submission_uncertain": 0,
+    "not_sent": 0,
 }
 EXPECTED_REJECTED = 3  # an empty prompt, an aspect ratio of 2:1, a duplicate row
 LOST = {"content_policy", "internal_error", "generation_failed", "timeout"}
@@ -44,7 +45,15 @@ def batch_dag():
 
 
 def _run(run_dag, dag, archive_root: Path, **conf):
-    conf = {"archive_root": str(archive_root), "poll_interval": 0.2, "timeout": 1.5, **conf}
+    # Every param this module changes is given: the module's DAG object is shared by its tests.
+    conf = {
+        "archive_root": str(archive_root),
+        "poll_interval": 0.2,
+        "timeout": 1.5,
+        "fail_run_on_lost": True,
+        "chunk_size": 25,
+        **conf,
+    }
     return run_dag(dag, logical_date=LOGICAL_DATE, run_conf=conf)
 
 
@@ -184,3 +193,65 @@ def test_a_batch_that_cannot_start_fails_its_run(run_dag, batch_dag, imagecb_sim
     assert states["report"] == "failed"
     assert dag_run.state == "failed"
     assert imagecb_simulator.stats()["submissions_total"] == 0
+
+
+@pytest.fixture
+def no_account_hold(airflow_db):
+    """The account hold is an Airflow Variable: none before the test, none left after it."""
+    from airflow.models.variable import Variable
+
+    from imagecb_provider.utils.limiter import hold_key
+
+    Variable.delete(hold_key("imagecb_default"))
+    yield hold_key("imagecb_default")
+    Variable.delete(hold_key("imagecb_default"))
+
+
+def test_credits_running_out_partway_stop_the_batch_and_a_rerun_after_a_top_up_sends_only_the_rest(
+    run_dag, batch_dag, imagecb_simulator, tmp_path, no_account_hold
+):
+    """
+    The account can pay for 5 of 12 prompts: the sixth submission is refused (402) and nothing
+    more is sent by any group. The run fails saying the prompts were not sent and why; after a
+    top-up a second run of the day sends exactly the 7 never sent.
+    """
+    from airflow.models.variable import Variable
+
+    prompts = tmp_path / "twelve.csv"
+    prompts.write_text("prompt\n" + "".join(f"a paper boat number {i}\n" for i in range(12)))
+    imagecb_simulator.configure(credits=25.0)  # 5 images at 5 credits
+    dag_run = _run(run_dag, batch_dag, tmp_path, chunk_size=4, prompts_path=str(prompts))
+    day = tmp_path / "2026-03-01"
+    summary = _summary(day, dag_run)
+
+    assert dag_run.state == "failed"
+    assert summary["counts"]["success"] == 5
+    assert summary["counts"]["not_sent"] == 7
+    assert summary["not_sent"]["count"] == 7
+    assert summary["not_sent"]["reason"].startswith("the account ran out of credits (402 at ")
+    stats = imagecb_simulator.stats()
+    assert stats["requests"]["generate"] == 6  # five accepted, one refused; no group tried again
+    assert sorted(stats["submissions"].values()) == [1] * 5
+    states = {(ti.task_id, ti.map_index): ti.state for ti in dag_run.get_task_instances()}
+    assert [states[("image.generate", g)] for g in range(3)] == ["success"] * 3  # waited for what was sent
+    not_sent_groups = {i["group"] for i in summary["images"] if i["outcome"] == "not_sent"}
+    for group in range(3):
+        assert states[("image.settle", group)] == ("failed" if group in not_sent_groups else "success")
+    quarantined = _jsonl(day / "quarantine.jsonl")
+    assert Counter(q["outcome"] for q in quarantined) == {"not_sent": 7}
+    report = next((day / "runs").glob("*/report.html")).read_text()
+    assert "<b>7 prompt(s) were not sent</b>: the account ran out of credits" in report
+    assert report.count("<img ") == 5
+    assert json.loads(Variable.get(no_account_hold))["kind"] == "credits"  # shown under Admin > Variables
+
+    imagecb_simulator.configure(credits=1000.0)  # the top-up
+    before = dict(imagecb_simulator.stats()["submissions"])
+    second = _run(run_dag, batch_dag, tmp_path, chunk_size=4, prompts_path=str(prompts))
+    assert second.state == "success"
+    after = imagecb_simulator.stats()["submissions"]
+    sent_again = {p for p, n in after.items() if n - before.get(p, 0)}
+    assert len(sent_again) == 7
+    assert not sent_again & set(before)
+    assert sorted(after.values()) == [1] * 12  # each prompt paid for once
+    assert _summary(day, second)["reused_from_earlier_run"] == 5
+    assert Variable.get(no_account_hold, default_var=None) is None  # lifted by the top-up

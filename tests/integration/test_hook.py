@@ -160,6 +160,7 @@ def test_file_hosts_are_read_and_a_bad_entry_fails_before_any_request(monkeypatc
                 "get_credits",
                 "get_download_url",
                 "fetch_file",
+                "upload_file",
                 "settings",
                 "test_connection",
             },

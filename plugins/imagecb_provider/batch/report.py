@@ -149,6 +149,7 @@ def build_summary(
         "prompts": len(images) + len(batch["rejected"]),
         "rejected": len(batch["rejected"]),
         "lost": sum(i["outcome"] != Outcome.SUCCESS for i in images),
+        "not_sent": _not_sent(images),
         "resubmitted": sum(bool(i["earlier"]) for i in images),
         "reused_from_earlier_run": len(batch["reused"]),
         "archived_files": sum(len(i["files"]) for i in images),
@@ -169,6 +170,13 @@ def build_summary(
         "images": images,
         "rejected_rows": [dict(row) for row in batch["rejected"]],
     }
+
+
+def _not_sent(images: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many prompts the account refused before they were sent, and the first refusal's reason."""
+    refused = [i for i in images if i["outcome"] == Outcome.NOT_SENT]
+    reason = str(refused[0]["reason"] or "").removeprefix("Not sent: ") if refused else None
+    return {"count": len(refused), "reason": reason}
 
 
 def _group(groups: list[Mapping[str, Any]], item: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -273,8 +281,17 @@ def write_report(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.html").write_text(render_contact_sheet(summary, ui_url=ui_url))
     print(f"Summary: {json.dumps(summary['counts'])}; report: {paths['report']}")
+    not_sent = summary["not_sent"]["count"]
+    if not_sent:
+        # Said first and plainly: these prompts cost nothing and a rerun sends exactly them.
+        print(f"{not_sent} prompt(s) were not sent. {summary['not_sent']['reason']}")
     if summary["lost"] and fail_on_lost:
         lines = ", ".join(str(i["line"]) for i in summary["images"] if i["outcome"] != Outcome.SUCCESS)
+        if not_sent:
+            raise AirflowFailException(
+                f"{not_sent} of {summary['lost']} prompt(s) without an image were never sent "
+                f"(lines {lines}): {summary['not_sent']['reason']}; the report is written"
+            )
         raise AirflowFailException(
             f"{summary['lost']} prompt(s) ended without an image (lines {lines}); the report is written. "
             "The run fails because fail_run_on_lost is on: clear a failed group to retry its prompts"
@@ -298,6 +315,8 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
 .success{background:#2e7d32}.content_policy{background:#c62828}.internal_error{background:#ef6c00}
 .generation_failed{background:#ad1457}.timeout{background:#6a1b9a}.not_run,.not_archived{background:#757575}
+.not_sent{background:#455a64}
+.notice{background:#fff3e0;border:1px solid #ef6c00;border-radius:8px;padding:8px 12px;margin-bottom:12px}
 .submission_uncertain{background:#4e342e}
 .reason{color:#b71c1c;font-size:12px;margin-top:4px} .small{color:#777;font-size:12px}
 a.ti{font-size:12px} table{border-collapse:collapse;margin-top:8px}
@@ -370,6 +389,13 @@ def render_contact_sheet(summary: Mapping[str, Any], *, ui_url: str = "") -> str
     )
     cards = "".join(_card(image, summary, ui_url) for image in summary["images"])
     run_id = html.escape(summary["run_id"])
+    refused = summary.get("not_sent") or {}
+    notice = (
+        f'<div class="notice"><b>{refused["count"]} prompt(s) were not sent</b>: '
+        f"{html.escape(str(refused['reason'] or ''))}</div>"
+        if refused.get("count")
+        else ""
+    )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>imagecb batch {run_id}"
         f"</title><style>{CONTACT_SHEET_CSS}</style></head><body><h1>Image batch {run_id}</h1>"
@@ -377,5 +403,5 @@ def render_contact_sheet(summary: Mapping[str, Any], *, ui_url: str = "") -> str
         f"{summary['archived_files']} files archived · {summary['lost']} without an image · "
         f"credits used: {credits['used']} · batch time: {durations['batch_seconds']} s{reruns}</div>"
         f'<div class="counts">{counts}<span class="rejected">rejected: {summary["rejected"]}</span></div>'
-        f'<div class="grid">{cards}</div>{rejected_table}</body></html>'
+        f'{notice}<div class="grid">{cards}</div>{rejected_table}</body></html>'
     )

@@ -54,6 +54,7 @@ from imagecb_provider.hooks.protocol import (
     record_from_error,
     without_query,
 )
+from imagecb_provider.hooks.uploads import UploadedFile, parse_upload_base_url, stream_upload
 from imagecb_provider.models import GenerationRequest, TaskRecord, remote_task_id
 
 CONN_TYPE = "imagecb"
@@ -80,6 +81,10 @@ class ImageCbConnectionSettings:
       string, of ``host``, ``host:port`` or ``*.domain`` (any subdomain), https only; prefix an
       entry with ``http://`` to allow plain http for it.
 
+    Uploads go to the ``upload_base_url`` extra (``http(s)://host[:port]``, no credentials, query
+    or fragment); without it to the vendor's upload host when the connection uses the vendor's
+    API, else to the connection's own host (see :func:`~.uploads.upload_base_url`).
+
     A host's addresses must be public (not loopback, private, link-local, multicast, reserved or
     unspecified) unless the connection names that exact host: its own API host or a ``file_hosts``
     entry without ``*``. A wildcard or a vendor host that resolves to such an address is refused.
@@ -93,6 +98,7 @@ class ImageCbConnectionSettings:
     timeout: float = DEFAULT_TIMEOUT
     submissions_per_10s: float = DEFAULT_SUBMISSIONS_PER_10S
     file_hosts: tuple[FileHost, ...] = ()
+    upload_base_url: str | None = None
 
     @classmethod
     def from_connection(cls, conn: Any) -> ImageCbConnectionSettings:
@@ -109,6 +115,13 @@ class ImageCbConnectionSettings:
             raise ImageCbConfigurationError(
                 f"Connection {conn.conn_id!r} has an invalid file_hosts extra: {error}; give hosts such as "
                 '"files.example.com", "files.example.com:8443", "*.example.com" or "http://10.0.0.5:8080"'
+            ) from None
+        try:
+            upload_base = parse_upload_base_url(extra.get("upload_base_url"))
+        except ValueError as error:
+            raise ImageCbConfigurationError(
+                f"Connection {conn.conn_id!r} has an invalid upload_base_url extra: {error}; give a URL "
+                'such as "https://kieai.redpandaai.co", or leave it out for the default'
             ) from None
         mask_secret(api_key)
         if hmac_key:
@@ -127,6 +140,7 @@ class ImageCbConnectionSettings:
                 DEFAULT_SUBMISSIONS_PER_10S,
             ),
             file_hosts=file_hosts,
+            upload_base_url=upload_base,
         )
 
     def download_hosts(self) -> tuple[FileHost, ...]:
@@ -213,8 +227,8 @@ class ImageCbHook(BaseHook):
         ``https://api.kie.ai``), password = API key, extras ``timeout`` (seconds per request),
         ``submissions_per_10s`` (the account's rate limit), ``callback_base_url`` and
         ``webhook_hmac_key`` (callback mode), ``file_hosts`` (where files may be downloaded
-        from besides the API host and the vendor's file hosts: see
-        :class:`ImageCbConnectionSettings`).
+        from besides the API host and the vendor's file hosts) and ``upload_base_url`` (where
+        :meth:`upload_file` sends files): see :class:`ImageCbConnectionSettings`.
     :param retry_policy: how transient errors (429, 455, 5xx, network) are retried.
     """
 
@@ -333,6 +347,36 @@ class ImageCbHook(BaseHook):
             timeout=settings.timeout,
             max_bytes=limit,
         )
+
+    def upload_file(self, data: bytes, *, file_name: str, upload_path: str) -> UploadedFile:
+        """
+        Upload a file through the vendor's free File Upload API; return it with its temporary link.
+
+        A stream (multipart) upload to the connection's upload host (see
+        :class:`ImageCbConnectionSettings`); 429, 5xx and network errors are retried through the
+        hook's retry policy (an upload is free, so a resend costs nothing). The vendor deletes
+        uploaded files after about 24 hours. See :func:`~.uploads.stream_upload`.
+
+        :param data: the file's bytes.
+        :param file_name: the name to store it under; the same name in the same path overwrites.
+        :param upload_path: the folder to store it in (the vendor's ``uploadPath``).
+        """
+        uploaded = stream_upload(
+            self._session(),
+            self.settings,
+            self.retry_policy,
+            data,
+            file_name=file_name,
+            upload_path=upload_path,
+        )
+        self.log.info(
+            "Uploaded %s (%d bytes, sha256 %s) to %s",
+            uploaded.file_name,
+            uploaded.size,
+            uploaded.sha256[:12],
+            without_query(uploaded.download_url),
+        )
+        return uploaded
 
     def test_connection(self) -> tuple[bool, str]:
         """What the UI's Test button calls: one authenticated, free call (the credit balance), no retries."""

@@ -12,7 +12,9 @@ The codes, as :func:`error_for` maps them (docs/api-fidelity.md gives the source
 * 404, and on record-info the other two forms of "no such task" (HTTP 200 with code 422 saying
   the record does not exist; code 200 with ``data: null``): :class:`ImageCbTaskUnknown`, which a
   generate operator answers by retiring the remote task from its slot.
-* 429, 455, 5xx: transient, retried with backoff inside the hook.
+* 429, 455, 5xx: transient, retried with backoff inside the hook. A 429 to a submission that
+  asks to wait longer than :data:`CAP_RETRY_AFTER` is a cap, not a burst:
+  :class:`ImageCbRateCapped`, never retried (the generate operators stop submitting).
 * 501 ("Generation Failed") on generate and record-info: an outcome, ``generation_failed``, never
   retried by the hook. A submission answered 501 created nothing, so resending it at once would
   only meet the same answer; the generate operators record the request as ended without a remote
@@ -50,6 +52,7 @@ from imagecb_provider.exceptions import (
     ImageCbNotFound,
     ImageCbPermanentApiError,
     ImageCbProtocolError,
+    ImageCbRateCapped,
     ImageCbRateLimited,
     ImageCbServerError,
     ImageCbSubmissionUpstreamTimeout,
@@ -66,6 +69,10 @@ USER_AGENT = "airflow-provider-imagecb"
 DEFAULT_TIMEOUT = 30.0
 #: The vendor's documented account limit: about 20 new generation requests per 10 seconds.
 DEFAULT_SUBMISSIONS_PER_10S = 20.0
+#: A 429 to a submission asking to wait longer than this (seconds) is a cap, not a burst: six
+#: windows of the documented 10-s limit. The vendor documents neither the header nor the caps'
+#: answer; this threshold is the provider's choice.
+CAP_RETRY_AFTER = 60.0
 
 GENERATE_PATH = "/api/v1/flux/kontext/generate"
 RECORD_INFO_PATH = "/api/v1/flux/kontext/record-info"
@@ -107,6 +114,8 @@ def error_for(code: int, msg: str, endpoint: str, retry_after: float | None = No
     :param retry_after: seconds the answer asked to wait, if it said.
     """
     cls = _ERROR_BY_ENDPOINT_CODE.get((endpoint, code)) or _ERROR_BY_CODE.get(code)
+    if code == 429 and endpoint == GENERATE_PATH and (retry_after or 0) > CAP_RETRY_AFTER:
+        cls = ImageCbRateCapped
     if cls is None and code == 408 and endpoint in API_PATHS:
         cls = ImageCbUpstreamTimeout
     if cls is None:

@@ -138,7 +138,8 @@ class ImageGenerateOperator(_GenerateBase):
         submitted once more within the same try.
     :param wait_for_completion: ``False`` submits only and returns the remote task id, for an
         ``ImageTaskSensor`` downstream. A submission that ends uncertain (its answer lost or not
-        usable) has no id to return: it raises with ``failure_mode="raise"``, else returns ``None``.
+        usable) or not sent (the account refused it) has no id to return: it raises with
+        ``failure_mode="raise"``, else returns ``None``.
     :return: the result dict, or the remote task id without waiting.
     """
 
@@ -196,7 +197,7 @@ class ImageGenerateOperator(_GenerateBase):
     def execute(self, context: Context) -> Any:
         if not self.wait_for_completion:
             entry = self.generate(context, submit=False)
-            if entry.slots[0].outcome == Outcome.SUBMISSION_UNCERTAIN:
+            if entry.slots[0].outcome in (Outcome.SUBMISSION_UNCERTAIN, Outcome.NOT_SENT):
                 # No id to hand on to a sensor: report the outcome (raised with failure_mode="raise").
                 self._finish(context, entry)
                 return None

@@ -25,6 +25,8 @@ from imagecb_provider.exceptions import (
     ImageCbConnectionError,
     ImageCbOutcomeAnswer,
     ImageCbProtocolError,
+    ImageCbRateCapped,
+    ImageCbRateLimited,
     ImageCbSubmissionUncertain,
     InvalidRemoteTaskId,
 )
@@ -41,7 +43,7 @@ from imagecb_provider.models import (
 )
 from imagecb_provider.triggers.task import EVENT_ERROR
 from imagecb_provider.utils.ledger import Action, LedgerEntry, Slot, SubmissionLedger, plan_slots
-from imagecb_provider.utils.pacing import pacer_for
+from imagecb_provider.utils.limiter import ACCOUNT_REFUSALS, AccountHold, AccountLimiter
 from imagecb_provider.utils.waiting import (
     WaitingTask,
     check_bool,
@@ -155,11 +157,33 @@ class GenerationMixin:
             return
         settings = self.hook.settings
         callback_urls = _callback_urls(self, context, settings, indexes)
-        pacer = pacer_for(settings.conn_id, settings.submissions_per_10s)
-        for i in indexes:
-            pacer.wait()
-            request = requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
-            self._submit_one(request, entry, entry.slots[i], ledger)
+        limiter = AccountLimiter(self.hook)
+        hold = limiter.admit()
+        sent = 0
+        for n, i in enumerate(indexes):
+            if hold is None:
+                limiter.pace()
+                request = requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
+                try:
+                    self._submit_one(request, entry, entry.slots[i], ledger)
+                except ACCOUNT_REFUSALS as refusal:
+                    # Credits ran out, or a cap: stop here instead of meeting it once per request.
+                    hold = limiter.refused(refusal)
+                else:
+                    sent += 1
+                    limiter.sent()
+                    continue
+            for j in indexes[n:]:
+                _settle_not_sent(entry.slots[j], hold)
+            ledger.save(entry)
+            self.log.warning(
+                "Submitted %d of %d request(s); %d not sent: %s",
+                sent,
+                len(indexes),
+                len(indexes) - n,
+                hold.describe(),
+            )
+            return
         self.log.info("Submitted %d request(s)", len(indexes))
 
     def _submit_one(
@@ -194,6 +218,12 @@ class GenerationMixin:
 
         try:
             slot.remote_task_id = self.hook.retry_policy.retrying(RETRYABLE_ERRORS)(attempt)
+        except ImageCbRateLimited as error:
+            # Refused through every attempt (over 30 s, three windows of the documented limit):
+            # not a burst but a cap. Nothing was created: the slot is left unsent.
+            raise ImageCbRateCapped(
+                error.code, error.msg, error.endpoint, retry_after=error.retry_after
+            ) from error
         except ImageCbSubmissionUncertain as error:
             _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
             return
@@ -320,6 +350,12 @@ def _settle_answered(slot: Slot, error: ImageCbOutcomeAnswer) -> None:
 
 
 _DEFAULT_ANSWERS = {501: "Generation failed", 408: "The upstream gave no result in time"}
+
+
+def _settle_not_sent(slot: Slot, hold: AccountHold) -> None:
+    """Settle a slot the account refused before it was sent: nothing created, the next try sends it."""
+    slot.outcome, slot.code, slot.sending = Outcome.NOT_SENT.value, hold.code, False
+    slot.message = f"Not sent: {hold.describe()}"
 
 
 def _settle_uncertain(slot: Slot, cause: str) -> None:

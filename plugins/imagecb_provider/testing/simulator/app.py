@@ -33,6 +33,7 @@ from imagecb_provider.testing.simulator.config import SimulatorConfig
 from imagecb_provider.testing.simulator.images import CONTENT_TYPES, EXTENSIONS, ImageCache, render
 from imagecb_provider.testing.simulator.markers import SUCCESS
 from imagecb_provider.testing.simulator.state import ENDPOINTS, Injection, SimState, Task, number
+from imagecb_provider.testing.simulator.uploads import check_input_image, register_uploads
 from imagecb_provider.testing.simulator.validation import ValidationFailure, validate_submission
 
 GENERATE_PATH = "/api/v1/flux/kontext/generate"
@@ -43,6 +44,9 @@ RAW_SEND = "imagecb.sim.raw_send"
 PARTIAL_JSON = b'{"code": 200, "msg": "succ'
 FILE_PATH = re.compile(r"^/files/(?P<task_id>[0-9a-f]{32})/(?P<kind>origin|result)\.(?P<ext>jpg|png)$")
 
+#: How a key's cap refuses a submission. The vendor documents per-key hourly, daily and total caps
+#: but not their answer: this text is a guess.
+CAP_MESSAGE = "Your API key has reached its usage limit (hourly, daily or total cap set for the key)"
 DEFAULT_MESSAGES = {
     200: "success",
     401: "You do not have access permissions: missing or invalid API key",
@@ -174,6 +178,7 @@ def create_app(config: SimulatorConfig | None = None) -> FastAPI:
     app.add_api_route(CREDIT_PATH, api.credit, methods=["GET"])
     app.add_api_route(DOWNLOAD_URL_PATH, api.download_url, methods=["POST"])
     app.add_api_route("/files/{task_id}/{name}", api.file, methods=["GET"])
+    register_uploads(app, api)
     _add_controls(app, state, sender, images, held_answers)
     return app
 
@@ -274,6 +279,7 @@ class _Api:
         body = _parse(raw)
         try:
             plan = validate_submission(body)
+            check_input_image(self.state, body, str(request.base_url), time.time())
         except ValidationFailure as error:
             return self.reject(error.code, str(error))
         model = body.get("model") or "flux-kontext-pro"
@@ -281,6 +287,9 @@ class _Api:
             return self.reject(505, f"Feature disabled: model {model} is not available")
         now = time.time()
         key = _bearer(request) or ""
+        if self.state.capped(key):
+            after = self.state.config.submission_cap_retry_after
+            return self.reject(429, CAP_MESSAGE, headers={"Retry-After": _seconds(after)} if after else None)
         wait = self.state.rate_limited(key, now)
         if wait is not None:
             return self.reject(
@@ -295,6 +304,7 @@ class _Api:
             )
         task = self.state.submit(body, plan, str(request.base_url), now)
         self.state.windows[key].append(now)
+        self.state.cap_used[key] = self.state.cap_used.get(key, 0) + 1
         self.sender.schedule(task)
         return self.answer(200, "success", {"taskId": task.task_id})
 

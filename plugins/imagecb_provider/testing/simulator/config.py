@@ -25,8 +25,10 @@ MODELS = ("flux-kontext-pro", "flux-kontext-max")
 #: Fault kinds ``fault_kinds`` may name; the default keeps to the first three (record-info's habits).
 FAULT_KINDS = ("500", "455", "429", "501", "408", "drop")
 DEFAULT_FAULT_KINDS = ("500", "455", "drop")
-#: Endpoints ``fault_endpoints`` may name: the four API calls and the file downloads.
-FAULT_ENDPOINTS = ("generate", "record-info", "credit", "download-url", "files")
+#: The File Upload API's three endpoints (``uploads.py``), as ``fault_endpoints`` and injections name them.
+UPLOAD_ENDPOINTS = ("file-stream-upload", "file-base64-upload", "file-url-upload")
+#: Endpoints ``fault_endpoints`` may name: the four API calls, the file downloads and the uploads.
+FAULT_ENDPOINTS = ("generate", "record-info", "credit", "download-url", "files", *UPLOAD_ENDPOINTS)
 #: createTime/completeTime forms: ISO with Z (the reference's examples), a space and no zone (a real
 #: answer of another model of the API family), epoch milliseconds (public clients' typing).
 TIMESTAMP_FORMATS = ("iso", "space", "epoch_ms")
@@ -54,7 +56,11 @@ class SimulatorConfig:
     ``unknown_record`` is how record-info answers for a task it does not know (see
     :data:`UNKNOWN_RECORD_FORMS`); ``null_strings`` writes the string ``"null"`` in the empty
     fields of records and callbacks (``errorCode``, ``errorMessage``, ``completeTime``, the links),
-    as real answers of the API family do.
+    as real answers of the API family do. ``submission_cap`` models a key's hourly, daily or total
+    cap: once that many submissions were accepted (counted from when the option was set), every
+    further one is refused with 429 and :data:`CAP_MESSAGE`, with ``Retry-After`` only when
+    ``submission_cap_retry_after`` is set; setting the option again (``null`` lifts it) restarts
+    the count.
     """
 
     api_key: str = field(default="test-key", repr=False)
@@ -62,6 +68,8 @@ class SimulatorConfig:
     time_factor: float = 1.0
     rate_limit_count: int = 20
     rate_limit_window: float = 10.0
+    submission_cap: int | None = None
+    submission_cap_retry_after: float | None = None
     credits: float = 1000.0
     cost_per_image: dict[str, float] = field(default_factory=_default_costs)
     disabled_models: tuple[str, ...] = ()
@@ -71,6 +79,8 @@ class SimulatorConfig:
     null_strings: bool = False
     origin_ttl: float = 600.0
     download_url_ttl: float = 1200.0
+    upload_ttl: float = 86400.0
+    upload_max_bytes: int = 10 * 1024 * 1024
     random_failure_rate: float = 0.0
     seed: int = 0
     fault_rate: float = 0.0
@@ -174,6 +184,8 @@ _COERCERS: dict[str, Any] = {
     "time_factor": _number,
     "rate_limit_count": _integer,
     "rate_limit_window": lambda n, v: _number(n, v, low=0.0),
+    "submission_cap": lambda n, v: None if v is None else _integer(n, v),
+    "submission_cap_retry_after": lambda n, v: None if v is None else _number(n, v),
     "credits": lambda n, v: _number(n, v, low=None),
     "cost_per_image": _costs,
     "disabled_models": _strings,
@@ -183,6 +195,8 @@ _COERCERS: dict[str, Any] = {
     "null_strings": _boolean,
     "origin_ttl": _number,
     "download_url_ttl": _number,
+    "upload_ttl": _number,
+    "upload_max_bytes": _integer,
     "random_failure_rate": lambda n, v: _number(n, v, high=1.0),
     "seed": lambda n, v: _integer(n, v, low=-(2**63)),
     "fault_rate": lambda n, v: _number(n, v, high=1.0),

@@ -22,11 +22,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from imagecb_provider.testing.simulator.config import SimulatorConfig
+from imagecb_provider.testing.simulator.config import UPLOAD_ENDPOINTS, SimulatorConfig
 from imagecb_provider.testing.simulator.images import EXTENSIONS
 from imagecb_provider.testing.simulator.markers import OUTCOMES, RANDOM_FAILURES, SUCCESS, Outcome, Plan
+from imagecb_provider.testing.simulator.uploads import UploadStore
 
-ENDPOINTS = ("generate", "record-info", "credit", "download-url")
+ENDPOINTS = ("generate", "record-info", "credit", "download-url", *UPLOAD_ENDPOINTS)
 
 
 @dataclass(slots=True)
@@ -143,7 +144,9 @@ class SimState:
         self.injections: list[Injection] = []
         self.flaky_seen: set[str] = set()
         self.issued_hosts: set[str] = set()
+        self.uploads = UploadStore()
         self.credits = self.config.credits
+        self.cap_used: dict[str, int] = {}
         self._reseed()
 
     def _reseed(self) -> None:
@@ -157,6 +160,8 @@ class SimState:
             self.credits = self.config.credits
         if "seed" in changes:
             self._reseed()
+        if "submission_cap" in changes:
+            self.cap_used = {}
 
     # -------------------------------------------------------------- faults, limits
     def take_injection(self, endpoint: str) -> Injection | None:
@@ -185,6 +190,11 @@ class SimState:
         self.counters.faults[kind] += 1
         self.counters.endpoint_faults[endpoint, kind] += 1
         return kind
+
+    def capped(self, key: str) -> bool:
+        """Whether the key has used up its ``submission_cap``."""
+        cap = self.config.submission_cap
+        return cap is not None and self.cap_used.get(key, 0) >= cap
 
     def rate_limited(self, key: str, now: float) -> float | None:
         """Seconds until a slot frees when the key's window is full, else ``None``."""
@@ -324,6 +334,7 @@ class SimState:
             "held": list(self.held),
             "submissions_in_flight": self.submissions_in_flight,
         }
+        data |= self.uploads.stats(now, self.config.upload_ttl)
         if tasks:
             data["tasks"] = {tid: self._task_stats(t, now) for tid, t in self.tasks.items()}
         return data
