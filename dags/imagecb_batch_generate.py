@@ -257,11 +257,14 @@ def imagecb_batch_generate():
         if batch is None:
             # read_prompts failed, perhaps on the archive root: fail naming it, not retry writing there.
             check_archive_destination(day_folder)
+        # Only this pass's groups: a run cleared after a partial pass may map fewer, and an
+        # instance it no longer maps keeps its old XCom.
+        groups = list(range(len(batch["groups"]))) if batch else []
         write_report(
             folder=_folder(day_folder),
             batch=batch,
-            generated=ti.xcom_pull(task_ids=[GENERATE_TASK_ID]) or [],
-            archived=ti.xcom_pull(task_ids=["image.archive"]) or [],
+            generated=ti.xcom_pull(task_ids=[GENERATE_TASK_ID], map_indexes=groups) if groups else [],
+            archived=[],  # unused: the manifest is the truth about kept files
             dag_id=dag_run.dag_id,
             run_id=dag_run.run_id,
             generate_task_id=GENERATE_TASK_ID,

@@ -45,6 +45,8 @@ SIMULATOR_FIELDS: dict[str, Any] = {
 }
 BASE_CONFIG: dict[str, Any] = {
     "latency": 3.0,
+    "credits": 1e9,
+    "submission_cap": None,
     "fault_rate": 0.0,
     "fault_kinds": ["500", "455", "drop"],
     "fault_endpoints": ["record-info"],
@@ -86,6 +88,33 @@ def stack_options(simulator: Any, executor: str) -> dict[str, Any]:
         },
         "env": {"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10", "IMAGECB_BATCH_RETRY_DELAY": "5"},
     }
+
+
+#: The Variable in which a task puts the account on hold (imagecb_provider.utils.limiter.hold_key).
+HOLD_KEY = f"imagecb_account_hold__{CONN_ID}"
+
+
+def account_hold(stack: Any) -> dict[str, Any] | None:
+    """Return the account hold the stack's tasks recorded (a Variable), or ``None``."""
+    from imagecb_dev.stack.errors import StackAPIError
+
+    try:
+        return json.loads(stack.client.get(f"variables/{HOLD_KEY}")["value"])
+    except StackAPIError as error:
+        if error.status_code == 404:
+            return None
+        raise
+
+
+def lift_account_hold(stack: Any) -> None:
+    """Delete the account hold, as a user may from Admin > Variables (no error when there is none)."""
+    from imagecb_dev.stack.errors import StackAPIError
+
+    try:
+        stack.client.delete(f"variables/{HOLD_KEY}")
+    except StackAPIError as error:
+        if error.status_code != 404:
+            raise
 
 
 def prepare_simulator(simulator: Any, **fields: Any) -> None:

@@ -37,13 +37,19 @@ from typing import Any
 import pytest
 from batch_checks import (
     ALL_ENDPOINTS,
+    COST_PER_IMAGE,
     DAG_ID,
     PACED_CONN_ID,
     Batch,
     Figures,
+    account_hold,
     all_in,
     assert_none_uncertain,
+    check_manifest,
+    check_submissions,
     finish,
+    lift_account_hold,
+    lost_in_summary,
     new_batch,
     prepare_simulator,
     read_jsonl,
@@ -371,26 +377,91 @@ def test_task_killed_after_its_submission_was_answered(
     report_case(request.config, figures)
 
 
-def test_submission_refused_until_the_retries_ran_out(
+def test_a_submission_refused_through_every_retry_is_a_cap_and_a_cleared_run_sends_it_once(
     batch_local_stack: Any, batch_simulator: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """
-    Answer the first six submissions with 429: the hook gives up, the task fails, its retry resends.
+    Answer the first six submissions with 429: refused through every attempt, it is a cap, not a burst.
 
-    Every refusal is an answer (nothing was created or charged), so the retry must submit the
-    request again: each prompt accepted once, both images archived.
+    The group stops: both prompts end ``not_sent`` (nothing created or charged) and the account is
+    put on hold. Once the hold is lifted (as a user may, from Admin > Variables), clearing the run
+    sends each prompt once and archives both images.
     """
     stack, simulator = batch_local_stack, batch_simulator
     prepare_simulator(simulator)
+    lift_account_hold(stack)
     simulator.inject("generate", 429, times=6, retry_after=1)
     batch = new_batch(tmp_path, "refused-submission", n=2, chunk_size=2)
     trigger(stack, batch)
-    state = finish(stack, batch)
+    try:
+        assert finish(stack, batch) == "failed"
+        summary = summary_of(batch)
+        assert summary["not_sent"]["count"] == 2, lost_in_summary(batch)
+        assert "hourly, daily or total cap" in summary["not_sent"]["reason"]
+        assert simulator.stats(tasks=False)["requests"]["generate"] == 6  # one request, its six attempts
+        assert simulator.stats()["submissions"] == {}
+        assert account_hold(stack)["kind"] == "rate_cap"
+    finally:
+        lift_account_hold(stack)
 
-    assert_none_uncertain(batch)
-    figures = verify_batch(stack, simulator, batch, state)
-    assert figures.failed_tries["image.generate[0]"][0] == "failed"  # the try that gave up
-    report_case(request.config, figures)
+    stack.client.clear(DAG_ID, batch.run_id)  # "Clear the run"
+    assert finish(stack, batch) == "success", lost_in_summary(batch)
+    check_rerun(simulator, batch, reused=0)
+    say(
+        request.config,
+        f"[{stack.executor}] refused-submission: a cap, then a cleared run sent each prompt once",
+    )
+
+
+def test_credits_running_out_partway_stop_every_group_and_a_top_up_rerun_sends_only_the_rest(
+    batch_local_stack: Any, batch_simulator: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """
+    The account pays for 12 of 30 prompts (4 groups): the 13th submission is refused with 402.
+
+    No group sends anything after it: 13 submissions in all, 18 prompts ``not_sent``, the run
+    failed saying so. After a top-up, clearing the failed tasks sends exactly the 18, once each.
+    """
+    stack, simulator = batch_local_stack, batch_simulator
+    prepare_simulator(simulator, credits=12 * COST_PER_IMAGE)
+    lift_account_hold(stack)
+    batch = new_batch(tmp_path, "credits-run-out", n=30, chunk_size=8)
+    trigger(stack, batch)
+    try:
+        assert finish(stack, batch) == "failed"
+        summary = summary_of(batch)
+        counts = (summary["counts"]["success"], summary["not_sent"]["count"])
+        assert counts == (12, 18), lost_in_summary(batch)
+        assert summary["not_sent"]["reason"].startswith("the account ran out of credits (402 at ")
+        assert simulator.stats(tasks=False)["requests"]["generate"] == 13
+        assert account_hold(stack)["kind"] == "credits"
+        red = sorted(g for g, state in states(stack, batch, "settle").items() if state == "failed")
+        say(request.config, f"credits run out: settle red in groups {red}; {summary['not_sent']['reason']}")
+    finally:
+        simulator.configure(credits=1e9)  # the top-up: the hold lifts by itself on the next check
+    stack.client.clear(DAG_ID, batch.run_id)  # "Clear the run"
+    try:
+        assert finish(stack, batch) == "success", lost_in_summary(batch)
+        assert account_hold(stack) is None
+    finally:
+        lift_account_hold(stack)
+    check_rerun(simulator, batch, reused=12)
+    assert simulator.stats(tasks=False)["requests"]["generate"] == 13 + 18
+    say(
+        request.config,
+        f"[{stack.executor}] credits-run-out: 12, then 18 after the top-up, each prompt paid once",
+    )
+
+
+def check_rerun(simulator: Any, batch: Batch, *, reused: int) -> None:
+    """After a cleared run: each prompt archived once and accepted once; ``reused`` kept from before."""
+    stats = simulator.stats()
+    check_manifest(batch, stats, batch.prompts)
+    check_submissions(batch, stats)
+    summary = summary_of(batch)
+    assert (summary["counts"]["success"], summary["lost"]) == (len(batch.prompts), 0)
+    assert summary["reused_from_earlier_run"] == reused
+    assert summary["not_sent"]["count"] == 0
 
 
 def test_task_killed_while_a_refused_submission_waits_to_be_resent(
