@@ -17,6 +17,13 @@ the triggerer; an internal error or a failed generation is resubmitted once. The
 writes ``summary.json`` and the contact sheet ``report.html``, and fails the run when a prompt
 was lost (param ``fail_run_on_lost``) or the batch could not start.
 
+Batch editing: set ``input_images`` (a folder, or an ``s3://``/``gs://`` prefix) and
+``instruction``, and every image there matching ``input_glob`` is edited with that one
+instruction, sorted by path, in the same groups, archive, quarantine and report (the prompt file
+is not read then). Each image is uploaded once (the vendor's free File Upload API) and its card
+in the contact sheet shows it before and after. A prompt file may edit images too: its
+``input_image`` column takes a link, a path (relative to the prompt file's folder) or a URL.
+
 Safe to rerun: images live in ``<archive_root>/<day>/images`` and a prompt whose image that
 folder already keeps is not generated again; clearing a group reruns only its prompts that did not
 succeed; manifests never take a line twice; each run writes its report in its own folder.
@@ -44,6 +51,8 @@ DEFAULT_ARCHIVE = str(PROJECT / "archive")
 RUN_DAY = "{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}"
 DAY_FOLDER = "{{ params.archive_root.rstrip('/') }}/" + RUN_DAY
 CONN_ID = "{{ params.imagecb_conn_id }}"
+#: The files a folder batch edits by default (param ``input_glob``), matched without case.
+INPUT_GLOB = "*.png,*.jpg,*.jpeg,*.webp"
 BATCH_XCOM = "batch"
 #: The mapped generate task (group "image", task "generate"): the contact sheet links each prompt to it.
 GENERATE_TASK_ID = "image.generate"
@@ -58,6 +67,43 @@ def _folder(url: str):
     from imagecb_provider.batch.archive import storage_path
 
     return storage_path(url)
+
+
+# [START howto_batch_edit_read]
+def _read_batch(params: dict) -> tuple:
+    """
+    The batch to run: every image of ``input_images`` with one ``instruction``, else the prompt file.
+
+    :return: the validated batch, and what it was read from (for the report).
+    """
+    from imagecb_provider.batch.prompts import list_input_images, parse_prompt_file, read_prompt_file
+    from imagecb_provider.exceptions import ImageCbConfigurationError
+
+    defaults = {"model": params["model"], "aspect_ratio": params["aspect_ratio"]}
+    folder, instruction = (params.get("input_images") or "").strip(), params.get("instruction") or ""
+    if folder:
+        # One edit per image found, sorted by path; an edit keeps its input's aspect ratio.
+        batch = list_input_images(folder, params["input_glob"], instruction, defaults)
+        return batch, {
+            "kind": "folder",
+            "folder": _shown(folder),
+            "glob": params["input_glob"],
+            "instruction": instruction.strip(),
+        }
+    if instruction.strip():  # else the demo prompts would run instead of the edit meant
+        raise ImageCbConfigurationError(
+            "instruction is set but input_images is empty: set input_images to the folder (or s3:// "
+            "prefix) of the images to edit, or clear instruction to run the prompt file. Nothing was sent"
+        )
+    path = params["prompts_path"]
+    return parse_prompt_file(read_prompt_file(path), path, defaults), {"kind": "file", "path": path}
+
+
+# [END howto_batch_edit_read]
+def _shown(source: str) -> str:
+    from imagecb_provider.utils.inputs import display_name
+
+    return display_name(source)
 
 
 @dag(
@@ -77,8 +123,32 @@ def _folder(url: str):
     },
     params={
         "prompts_path": Param(
-            DEMO_PROMPTS, type="string", description="CSV (prompt column) or JSONL of prompts"
+            DEMO_PROMPTS,
+            type="string",
+            description="CSV (prompt column) or JSONL of prompts; not read when input_images is set",
         ),
+        # [START howto_batch_edit_params]
+        "input_images": Param(
+            "",
+            type="string",
+            description="Batch editing: a folder (absolute path) or an s3://, gs://... prefix "
+            "(s3://conn_id@bucket/prefix/ for a connection) of images to edit, each with the "
+            "instruction; empty: run the prompt file",
+        ),
+        "input_glob": Param(
+            INPUT_GLOB,
+            type="string",
+            description="Which files of input_images to edit: patterns separated by commas "
+            "(*.{png,jpg} works too), matched against the path under the folder without case; "
+            "*/*.png takes subfolders",
+        ),
+        "instruction": Param(
+            "",
+            type="string",
+            description="Batch editing: how to edit every image of input_images, e.g. put the "
+            "product on a pure white background",
+        ),
+        # [END howto_batch_edit_params]
         "archive_root": Param(
             DEFAULT_ARCHIVE, type="string", description="Folder or URL (s3://…) where images and reports go"
         ),
@@ -131,7 +201,7 @@ def imagecb_batch_generate():
         from airflow.configuration import conf
 
         from imagecb_provider.batch.archive import JsonlLedger, check_archive_destination
-        from imagecb_provider.batch.prompts import group_requests, parse_prompt_file, read_prompt_file
+        from imagecb_provider.batch.prompts import group_requests
         from imagecb_provider.callbacks.client import check_receiver
         from imagecb_provider.hooks.imagecb import ImageCbHook
         from imagecb_provider.utils.waiting import connection_settings
@@ -143,24 +213,20 @@ def imagecb_batch_generate():
         if params["wait_mode"] == "callback":
             print(f"Callback mode: callbacks go to {check_receiver(settings)}")
 
-        path = params["prompts_path"]
-        batch = parse_prompt_file(
-            read_prompt_file(path),
-            path,
-            defaults={"model": params["model"], "aspect_ratio": params["aspect_ratio"]},
-        )
+        batch, source = _read_batch(params)
         kept: dict[str, list[dict]] = {}
         for entry in JsonlLedger(_folder(day_folder) / "images" / "manifest.jsonl", ()).current():
             kept.setdefault(entry.get("request_key"), []).append(entry)
         to_generate = [item for item in batch.requests if item["key"] not in kept]
         reused = [{**item, "files": kept[item["key"]]} for item in batch.requests if item["key"] in kept]
         groups = group_requests(to_generate, params["chunk_size"], conf.getint("core", "max_map_length"))
+        what, unit = ("images", "image") if source["kind"] == "folder" else ("prompts", "line")
         print(
-            f"{len(batch.requests)} valid prompts ({len(reused)} already archived in {day_folder}), "
-            f"{len(batch.rejected)} rejected rows; {len(to_generate)} to generate in {len(groups)} group(s)"
+            f"{len(batch.requests)} valid {what} ({len(reused)} already archived in {day_folder}), "
+            f"{len(batch.rejected)} rejected; {len(to_generate)} to generate in {len(groups)} group(s)"
         )
         for row in batch.rejected:
-            print(f"  rejected line {row['line']}: {row['error']}")
+            print(f"  rejected {unit} {row['line']}: {row['error']}")
         get_current_context()["ti"].xcom_push(
             key=BATCH_XCOM,
             value={
@@ -170,6 +236,7 @@ def imagecb_batch_generate():
                 "reused": reused,
                 "credits_before": hook.get_credits(),
                 "started_at": datetime.now(UTC).isoformat(),
+                "source": source,
             },
         )
         return [{"requests": g["requests"], "label": g["label"]} for g in groups]

@@ -407,6 +407,21 @@ class ImageNotSent(ImageTaskFailed, AirflowFailException):
     outcome = "not_sent"
 
 
+class ImageUploadFailed(ImageTaskFailed):
+    """
+    The request was never sent: its input image was refused before the upload, or not uploaded.
+
+    Refused: the file is missing, not a PNG, JPEG or WEBP image, or too large (a single-image
+    operator raises :class:`InvalidInputImage` instead, at once; a batch ends that request only).
+    Not uploaded: the upload API or the object store failed through every retry. Nothing was
+    generated or charged. Retryable: a retry reads the file and uploads it again (free), the
+    batch's other requests reconnected to, so a transient outage or a file put right meanwhile
+    costs one retry.
+    """
+
+    outcome = "upload_failed"
+
+
 #: Outcome name -> the error an operator raises for it with ``failure_mode="raise"``.
 OUTCOME_ERRORS: dict[str, type[ImageTaskFailed]] = {
     cls.outcome: cls
@@ -417,5 +432,6 @@ OUTCOME_ERRORS: dict[str, type[ImageTaskFailed]] = {
         ImageTaskTimeout,
         ImageSubmissionUncertain,
         ImageNotSent,
+        ImageUploadFailed,
     )
 }

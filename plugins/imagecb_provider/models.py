@@ -14,13 +14,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from imagecb_provider.exceptions import ImageCbMalformedAnswer, InvalidGenerationRequest, InvalidRemoteTaskId
 
@@ -48,6 +49,33 @@ MAX_PROMPT_LENGTH = 5000
 MAX_WATERMARK_LENGTH = 200
 SAFETY_TOLERANCE_GENERATE = (0, 6)
 SAFETY_TOLERANCE_EDIT = (0, 2)
+#: Object-store schemes an ``input_image`` may name besides a local path: read through
+#: ``ObjectStoragePath`` when the request is sent (its filesystem package must be installed then).
+INPUT_IMAGE_SCHEMES = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs")
+#: The longest ``input_image`` taken (a path or a URL; PATH_MAX on Linux).
+MAX_INPUT_IMAGE_SOURCE_LENGTH = 4096
+INPUT_IMAGE_FORMS = (
+    "an absolute http:// or https:// URL, a local path, a file://, s3://, gs://, az://... URL, "
+    "or an ObjectStoragePath"
+)
+# Query keys of signed links and of keys: a link carrying one would keep a credential in the
+# request, and so in every result, XCom and manifest line.
+_SECRET_QUERY_KEYS = frozenset(
+    {
+        "signature",
+        "sig",
+        "token",
+        "access_token",
+        "api_key",
+        "apikey",
+        "key",
+        "password",
+        "secret",
+        "awsaccesskeyid",
+        "googleaccessid",
+    }
+)
+_SECRET_QUERY_PREFIXES = ("x-amz-", "x-goog-")
 
 _TRUE_STRINGS = {"true", "1", "yes", "y", "on"}
 _FALSE_STRINGS = {"false", "0", "no", "n", "off"}
@@ -70,6 +98,10 @@ class Outcome(StrEnum):
     #: Never sent: the account refused submissions (credits ran out, or a cap that lasts longer
     #: than a burst), so nothing was created or charged; the next try or a cleared rerun sends it.
     NOT_SENT = "not_sent"
+    #: Never sent: its input image (a file, not a link) was refused before the upload (missing, not
+    #: an image, too large) or the upload failed after its retries. Nothing was generated or charged;
+    #: the next try or a cleared rerun reads and uploads it again.
+    UPLOAD_FAILED = "upload_failed"
 
 
 class TaskState(StrEnum):
@@ -148,6 +180,133 @@ def _as_http_url(name: str, value: Any) -> str | None:
     raise InvalidGenerationRequest(name, value, "must be an absolute http:// or https:// URL")
 
 
+def _as_input_image(value: Any) -> str | None:
+    """
+    Check the form of ``input_image``; return the string the request keeps (and is fingerprinted by).
+
+    Only the form: the file is read, checked and uploaded when the request is sent, before any
+    credit is spent. An ``http(s)`` link is kept as it is. A local path (absolute, or relative to
+    the worker's working directory) or an object-store URL is kept as written; an
+    ``ObjectStoragePath`` as its URL (its ``conn_id`` as ``scheme://conn_id@bucket/...``), so the
+    request stays JSON-safe. A credential is never kept: ``user:password@`` (or any user on an
+    http link), a query key of a signature or a token, or an ``ObjectStoragePath``'s storage
+    options are refused, and the refusal shows the value without them.
+    """
+    if value is None or value == "":
+        return None
+    text = _input_image_text(value)
+    if (
+        not text
+        or len(text) > MAX_INPUT_IMAGE_SOURCE_LENGTH
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    ):
+        raise InvalidGenerationRequest(
+            "input_image",
+            _shown_source(text),
+            f"must be {INPUT_IMAGE_FORMS}, of at most {MAX_INPUT_IMAGE_SOURCE_LENGTH} characters "
+            "without control characters",
+        )
+    if "://" not in text:
+        if text[:5].lower() == "data:":
+            raise InvalidGenerationRequest(
+                "input_image",
+                text[:40],
+                "a data: URI is not taken: write the image to a file and give its path",
+            )
+        return text  # a local path
+    scheme = text.partition("://")[0].lower()
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - reading it is the check (a port that is no number raises)
+    except ValueError:
+        raise InvalidGenerationRequest(
+            "input_image", _shown_source(text), f"must be {INPUT_IMAGE_FORMS}"
+        ) from None
+    if scheme in ("http", "https"):
+        if parts.scheme != scheme or not parts.hostname or any(c.isspace() for c in text):
+            raise InvalidGenerationRequest("input_image", _shown_source(text), f"must be {INPUT_IMAGE_FORMS}")
+        _refuse_credentials(text, parts, connection_id_allowed=False)
+        return text
+    if scheme not in INPUT_IMAGE_SCHEMES or parts.scheme != scheme:
+        raise InvalidGenerationRequest("input_image", _shown_source(text), f"must be {INPUT_IMAGE_FORMS}")
+    _refuse_credentials(text, parts, connection_id_allowed=True)
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise InvalidGenerationRequest(
+            "input_image",
+            _shown_source(text),
+            "an object-store URL takes no query or fragment: give the object's plain URL (its "
+            "connection gives the access)",
+        )
+    local = scheme == "file"
+    if (local and parts.netloc not in ("", "localhost")) or (not local and not parts.hostname):
+        where = "an absolute path (file:///...)" if local else f"a bucket or host ({scheme}://bucket/key)"
+        raise InvalidGenerationRequest("input_image", _shown_source(text), f"the URL must name {where}")
+    if not parts.path.strip("/"):
+        raise InvalidGenerationRequest(
+            "input_image", _shown_source(text), "must name a file, not a bucket or root"
+        )
+    return text
+
+
+def _input_image_text(value: Any) -> str:
+    """``input_image`` as a string: an ``ObjectStoragePath`` as its URL, a ``PathLike`` as its path."""
+    if isinstance(value, str):
+        return value.strip()
+    if hasattr(value, "protocol") and hasattr(value, "path"):  # an ObjectStoragePath
+        if getattr(value, "storage_options", None):
+            raise InvalidGenerationRequest(
+                "input_image",
+                _shown_source(value),
+                "an ObjectStoragePath's storage options cannot be kept in the request (they may hold "
+                "credentials): give it a conn_id instead",
+            )
+        return str(value)
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        if isinstance(path, str):
+            return path
+    raise InvalidGenerationRequest("input_image", f"a {type(value).__name__}", f"must be {INPUT_IMAGE_FORMS}")
+
+
+def _refuse_credentials(text: str, parts: Any, *, connection_id_allowed: bool) -> None:
+    """
+    Refuse a URL that carries a credential, naming the field but never showing it.
+
+    :param text: the URL.
+    :param parts: its ``urlsplit``.
+    :param connection_id_allowed: a bare ``name@`` is an Airflow connection id (object stores),
+        not a credential.
+    """
+    user, at, _ = parts.netloc.rpartition("@")
+    if at and (":" in user or not connection_id_allowed):
+        raise InvalidGenerationRequest(
+            "input_image",
+            _shown_source(text),
+            "must not carry credentials (user:password@ or user@): they would be kept in the task's "
+            "results, XCom and manifest; use a public link, or an object-store URL read with its "
+            "Airflow connection",
+        )
+    keys = {key.strip().lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if keys & _SECRET_QUERY_KEYS or any(key.startswith(_SECRET_QUERY_PREFIXES) for key in keys):
+        raise InvalidGenerationRequest(
+            "input_image",
+            _shown_source(text),
+            "must not carry a signature or a token in its query (a signed link): it would be kept in "
+            "the task's results, XCom and manifest; give the object's s3:// or gs:// URL instead (read "
+            "with its connection and uploaded), or a public link",
+        )
+
+
+def _shown_source(source: Any) -> str:
+    """An input image as a refusal may show it: no credentials, query or fragment."""
+    from imagecb_provider.utils.inputs import display_name  # inputs imports the hooks, which import models
+
+    try:
+        return display_name(source)
+    except Exception:  # a value display_name cannot read is shown by its type only
+        return f"a {type(source).__name__}"
+
+
 # ----------------------------------------------------------------------------- the request
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -156,6 +315,13 @@ class GenerationRequest:
 
     Unset (``None``) fields are left out of the payload so that the API applies its own
     defaults; in edit mode (``input_image`` set) an omitted aspect ratio keeps the input's.
+
+    ``input_image`` is the image to edit: a public ``http(s)`` link (sent as it is), or a file the
+    task reads and uploads when it sends the request: a local path, a ``file://``, ``s3://``,
+    ``gs://``... URL (:data:`INPUT_IMAGE_SCHEMES`), or an ``ObjectStoragePath`` (kept as its URL
+    string). Here only its form is checked (:func:`_as_input_image`); the request, its payload and
+    its fingerprint (:func:`request_key`) hold that source, never the temporary upload link, which
+    only the request actually sent carries (:meth:`with_input_link`).
     """
 
     prompt: str
@@ -175,7 +341,7 @@ class GenerationRequest:
             "prompt": self._checked_prompt(self.prompt),
             "enable_translation": _as_bool("enable_translation", self.enable_translation),
             "upload_cn": _as_bool("upload_cn", self.upload_cn),
-            "input_image": _as_http_url("input_image", self.input_image),
+            "input_image": _as_input_image(self.input_image),
             "aspect_ratio": _as_choice("aspect_ratio", self.aspect_ratio, ASPECT_RATIOS),
             "output_format": _as_choice("output_format", self.output_format, OUTPUT_FORMATS),
             "prompt_upsampling": _as_bool("prompt_upsampling", self.prompt_upsampling),
@@ -240,7 +406,12 @@ class GenerationRequest:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     def to_payload(self, *, include_callback: bool = True) -> dict[str, Any]:
-        """The API's camelCase body, unset fields omitted."""
+        """
+        The API's camelCase body, unset fields omitted.
+
+        ``inputImage`` is the request's own ``input_image``: for a file, its source (the path or
+        URL given), which the operators replace with its upload link only in the request they send.
+        """
         payload = {
             _CAMEL_CASE[name]: value
             for name, value in self.to_dict().items()
@@ -250,6 +421,20 @@ class GenerationRequest:
 
     def with_callback(self, callback_url: str | None) -> GenerationRequest:
         return dataclasses.replace(self, callback_url=callback_url)
+
+    def with_input_link(self, link: str) -> GenerationRequest:
+        """
+        This request with ``input_image`` replaced by the link its file was uploaded to: what is sent.
+
+        The link is set as it is, past the form check of a source: the hook has checked it
+        (https, no credentials) and it may carry the upload service's own query. It never goes
+        into a fingerprint, a result or a log: only into the submission.
+
+        :param link: the upload's ``downloadUrl``.
+        """
+        sent = dataclasses.replace(self)
+        object.__setattr__(sent, "input_image", link)
+        return sent
 
 
 _CAMEL_CASE = {
@@ -268,7 +453,15 @@ _CAMEL_CASE = {
 
 
 def request_key(payload: Mapping[str, Any]) -> str:
-    """A stable fingerprint of a request payload (what was asked), callback URL excluded."""
+    """
+    A stable fingerprint of a request payload (what was asked), callback URL excluded.
+
+    An input image counts by its source as given (the path or URL in ``inputImage``), never by
+    its upload link, which changes with each upload: a retry, a resubmission and a cleared rerun
+    of a request find its ledger slot, and a result's ``request`` gives back the key of its line of
+    the prompt file. A file edited in place keeps its key: its new content is uploaded when the
+    request is next sent.
+    """
     canonical = json.dumps({k: v for k, v in payload.items() if k != "callBackUrl"}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -565,12 +758,16 @@ def build_result(
     submitted_at: datetime | str | None,
     polls: int,
     via: str,
+    input_image: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     The JSON-safe result an operator or sensor returns (its XCom), as fixed in DESIGN.md.
 
-    ``request`` is the camelCase payload that was sent, without the callback URL; ``record`` is
-    ``None`` when the wait ended before any status answer (a timeout).
+    ``request`` is the camelCase payload that was sent, without the callback URL, and with an
+    input image's source in ``inputImage`` (not its temporary upload link); ``record`` is ``None``
+    when the wait ended before any status answer (a timeout). ``input_image`` describes an input
+    image that is a file: ``{"source", "sha256", "bytes", "uploaded"}`` (see
+    :func:`~imagecb_provider.utils.generation.input_image_result`), ``None`` for a link or no input.
     """
     payload = {k: v for k, v in request.items() if k != "callBackUrl"}
     completed = record.completed_at if record and record.completed_at else None
@@ -586,6 +783,7 @@ def build_result(
         "origin_image_url": record.origin_image_url if record else None,
         "prompt": payload.get("prompt"),
         "request": payload,
+        "input_image": dict(input_image) if input_image is not None else None,
         "submitted_at": to_iso(submitted or (record.created_at if record else None)),
         "completed_at": to_iso(completed),
         "polls": polls,
@@ -603,4 +801,6 @@ _DEFAULT_MESSAGES = {
     "charged, so it was not resent: check the account, then clear the task to submit again",
     Outcome.NOT_SENT: "Not sent: the account refused submissions (credits or a cap); clear the run "
     "once it allows them again",
+    Outcome.UPLOAD_FAILED: "Not sent: its input image could not be uploaded; nothing was generated or "
+    "charged, the next try uploads it again",
 }

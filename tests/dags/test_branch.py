@@ -557,7 +557,8 @@ def test_unknown_outcome_key_is_rejected_with_the_allowed_names():
     with pytest.raises(ValueError, match="unknown outcome 'sucess'") as error:
         ImageOutcomeBranchOperator(task_id="route", result=None, branches={"sucess": "archive"})
     names = (
-        "success, content_policy, internal_error, generation_failed, timeout, submission_uncertain, not_sent"
+        "success, content_policy, internal_error, generation_failed, timeout, submission_uncertain, "
+        "not_sent, upload_failed"
     )
     assert f"allowed outcomes: {names}" in str(error.value)
     assert names.split(", ") == list(OUTCOMES)

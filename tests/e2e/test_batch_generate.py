@@ -30,6 +30,7 @@ EXPECTED_COUNTS = {
     "timeout": 1,  # [sim:latency=120] with a short timeout
     "submission_uncertain": 0,
     "not_sent": 0,
+    "upload_failed": 0,
 }
 EXPECTED_REJECTED = 3  # an empty prompt, an aspect ratio of 2:1, a duplicate row
 LOST = {"content_policy", "internal_error", "generation_failed", "timeout"}

@@ -423,20 +423,22 @@ def test_credits_running_out_partway_stop_every_group_and_a_top_up_rerun_sends_o
     failed saying so. After a top-up, clearing the failed tasks sends exactly the 18, once each.
     """
     stack, simulator = batch_local_stack, batch_simulator
-    prepare_simulator(simulator, credits=12 * COST_PER_IMAGE)
+    # IMAGECB_CREDITS_CASE_PROMPTS=200 replays it at the issue's size (80 paid, groups of 50).
+    n = int(os.environ.get("IMAGECB_CREDITS_CASE_PROMPTS") or 30)
+    paid, rest = n * 2 // 5, n - n * 2 // 5
+    prepare_simulator(simulator, credits=paid * COST_PER_IMAGE)
     lift_account_hold(stack)
-    batch = new_batch(tmp_path, "credits-run-out", n=30, chunk_size=8)
+    batch = new_batch(tmp_path, "credits-run-out", n=n, chunk_size=max(8, n // 4))
     trigger(stack, batch)
     try:
         assert finish(stack, batch) == "failed"
         summary = summary_of(batch)
         counts = (summary["counts"]["success"], summary["not_sent"]["count"])
-        assert counts == (12, 18), lost_in_summary(batch)
+        assert counts == (paid, rest), lost_in_summary(batch)
         assert summary["not_sent"]["reason"].startswith("the account ran out of credits (402 at ")
-        assert simulator.stats(tasks=False)["requests"]["generate"] == 13
+        assert simulator.stats(tasks=False)["requests"]["generate"] == paid + 1
         assert account_hold(stack)["kind"] == "credits"
-        red = sorted(g for g, state in states(stack, batch, "settle").items() if state == "failed")
-        say(request.config, f"credits run out: settle red in groups {red}; {summary['not_sent']['reason']}")
+        say(request.config, f"{grid_of(stack, batch)}\nreport: {summary['not_sent']}")
     finally:
         simulator.configure(credits=1e9)  # the top-up: the hold lifts by itself on the next check
     stack.client.clear(DAG_ID, batch.run_id)  # "Clear the run"
@@ -445,11 +447,22 @@ def test_credits_running_out_partway_stop_every_group_and_a_top_up_rerun_sends_o
         assert account_hold(stack) is None
     finally:
         lift_account_hold(stack)
-    check_rerun(simulator, batch, reused=12)
-    assert simulator.stats(tasks=False)["requests"]["generate"] == 13 + 18
+    check_rerun(simulator, batch, reused=paid)
+    assert simulator.stats(tasks=False)["requests"]["generate"] == paid + 1 + rest
+    per_prompt = dict(Counter(simulator.stats()["submissions"].values()))
     say(
         request.config,
-        f"[{stack.executor}] credits-run-out: 12, then 18 after the top-up, each prompt paid once",
+        f"{grid_of(stack, batch)}\n[{stack.executor}] credits-run-out: {paid} paid, 1 refused, then "
+        f"{rest} after the top-up; submissions per prompt {per_prompt}",
+    )
+
+
+def grid_of(stack: Any, batch: Batch) -> str:
+    """The run's grid as a user reads it: each instance's name and state."""
+    tis = stack.client.task_instances(DAG_ID, batch.run_id)
+    return "\n".join(
+        f"  {ti['task_id']}[{ti['map_index']}] {ti['rendered_map_index'] or ''}: {ti['state']}"
+        for ti in sorted(tis, key=lambda t: (t["map_index"], t["task_id"]))
     )
 
 

@@ -71,6 +71,17 @@ def test_the_view_redirects_to_the_report_whose_relative_images_are_served(viewe
     assert image.headers["x-content-type-options"] == "nosniff"
 
 
+def test_an_edits_before_picture_copied_into_the_run_folder_is_served(viewer, runs):
+    from uihelpers import IMAGE, INPUT_SHA
+
+    run = runs["with_report"]
+    answer = viewer.get(run.url(f"files/runs/{run_folder_name(run.run_id)}/inputs/{INPUT_SHA}.jpg"))
+    assert (answer.status_code, answer.headers["content-type"], answer.content) == (200, "image/jpeg", IMAGE)
+    for name in ("notes.txt", f"{INPUT_SHA}.txt", "ab.jpg", f"{INPUT_SHA}.jpg/x"):
+        refused = viewer.get(run.url(f"files/runs/{run_folder_name(run.run_id)}/inputs/{name}"))
+        assert refused.status_code == 404, name
+
+
 def test_the_summary_is_served(viewer, runs):
     run = runs["with_report"]
     answer = viewer.get(run.url(f"files/runs/{run_folder_name(run.run_id)}/summary.json"))

@@ -18,6 +18,7 @@ from imagecb_provider.operators.generate import ImageBatchGenerateOperator
 DAY = "2026-01-02"
 IMAGE = b"\xff\xd8\xff\xe0" + b"not really a jpeg, but bytes to compare" + b"\xff\xd9"
 SECRET = "the-secret-outside-the-day-folder"
+INPUT_SHA = "ab" * 32
 REPORT_HTML = (
     "<!doctype html><html><body><h1>Sheet</h1>"
     '<div class="card" id="line-2"><img src="../../images/abc123.jpg">'
@@ -44,6 +45,9 @@ def _write_report(root: Path, run_id: str) -> dict[str, str]:
     out.mkdir(parents=True)
     (out / "report.html").write_text(REPORT_HTML)
     (out / "summary.json").write_text('{"lost": 1}')
+    (out / "inputs").mkdir()
+    (out / "inputs" / f"{INPUT_SHA}.jpg").write_bytes(IMAGE)  # an edit's "before" picture
+    (out / "inputs" / "notes.txt").write_text(SECRET)
     images = day / "images"
     images.mkdir()
     (images / "abc123.jpg").write_bytes(IMAGE)

@@ -102,7 +102,7 @@ def test_from_dict_round_trips_and_rejects_unknown_keys():
             "safety_tolerance",
             "0 to 2 when editing",
         ),
-        ({"input_image": "not a url"}, "input_image", "http:// or https://"),
+        ({"input_image": "nosuch://b/k.png"}, "input_image", "http:// or https://"),
         ({"input_image": "ftp://e.com/a.png"}, "input_image", "http:// or https://"),
         ({"callback_url": "file:///etc/passwd"}, "callback_url", "http:// or https://"),
         ({"callback_url": "https://exa mple.com/cb"}, "callback_url", "http:// or https://"),

@@ -238,7 +238,9 @@ def test_execute_complete_return_mode_gives_the_full_result(outcome, code, error
         "polls",
         "via",
         "earlier",
+        "input_image",
     }
+    assert result["input_image"] is None  # no input image
     assert result["task_id"] == "task-1"
     assert result["outcome"] == outcome.value
     assert result["code"] == code

@@ -22,9 +22,10 @@ import logging
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -132,9 +133,47 @@ class ArchivedFile:
     prompt: str | None
     request_key: str | None  # fingerprint of the request, so a rerun of the batch can reuse the file
     archived_at: str
+    # An edit's input image: where it was read (a path or URL without credentials or query) and
+    # the SHA-256 of what was uploaded; both absent from the lines of images not edited from a file.
+    input_source: str | None = None
+    input_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for name in _INPUT_FIELDS:
+            if data[name] is None:
+                del data[name]
+        return data
+
+
+_INPUT_FIELDS = ("input_source", "input_sha256")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def input_fields(result: Mapping[str, Any]) -> dict[str, str | None]:
+    """
+    The manifest's ``input_source`` and ``input_sha256`` of a result (none when it edited no file).
+
+    From the result's ``input_image`` (a file read and uploaded); for an edit of a public link, the
+    link without its query. The source is shown through
+    :func:`~imagecb_provider.utils.inputs.display_name` again, so no credentials or query reach
+    the manifest whatever the result holds; a hash not of 64 hex digits is left out.
+
+    :param result: a generate operator's result.
+    """
+    from imagecb_provider.utils.inputs import display_name, is_http_url
+
+    described = result.get("input_image")
+    if isinstance(described, Mapping) and described.get("source"):
+        sha = described.get("sha256")
+        return {
+            "input_source": display_name(str(described["source"])),
+            "input_sha256": sha if isinstance(sha, str) and _SHA256.fullmatch(sha) else None,
+        }
+    link = (result.get("request") or {}).get("inputImage")
+    if is_http_url(link):
+        return {"input_source": display_name(link), "input_sha256": None}
+    return {}
 
 
 def storage_path(url: str, conn_id: str | None = None) -> ObjectStoragePath:
@@ -269,9 +308,13 @@ class ArchiveStore:
         prompt: str | None,
         request_key: str | None = None,
         fallback_url: str | None = None,
+        input_source: str | None = None,
+        input_sha256: str | None = None,
     ) -> ArchivedFile:
         """
         Download, verify and write one file (idempotent: same name, same bytes, no second write).
+
+        ``input_source`` and ``input_sha256`` (see :func:`input_fields`) go into its manifest line.
 
         A remote task id not of the strict form, or a target outside the destination, raises
         :class:`ImageCbArchiveTargetRefused` and writes nothing; a bad id is refused before the download.
@@ -297,6 +340,8 @@ class ArchiveStore:
             prompt=prompt,
             request_key=request_key,
             archived_at=to_iso(datetime.now(UTC)),
+            input_source=input_source,
+            input_sha256=input_sha256,
         )
 
     @staticmethod

@@ -12,21 +12,45 @@ A problem of the whole file (over :data:`MAX_PROMPT_FILE_BYTES`, not UTF-8, a CS
 a ``prompt`` column or with a duplicate or unknown column, a quote that is never closed) raises
 :class:`ImageCbConfigurationError`: nothing is sent. A UTF-8 byte order mark (Excel's "CSV UTF-8")
 is accepted.
+
+A row may edit an image: its ``input_image`` is a public ``http(s)`` link, a local path, or a
+``file://``, ``s3://``, ``gs://``... URL (:func:`resolve_input_image`). A relative path is read
+from the prompt file's folder and sent as an absolute path; that is the one other change made to a
+row. A link or URL carrying credentials (``user:password@``) is refused, and so is a local file
+that is missing, not a PNG, JPEG or WEBP image, or over the input cap: the row is rejected, not
+sent. Files in object stores are checked when their group is submitted.
+
+A batch can also come from a folder (:func:`list_input_images`): every image in it whose name
+matches a pattern, sorted by path, edited with one instruction.
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import os
+import re
+import stat
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_type_hints
+from typing import TYPE_CHECKING, Any, get_args, get_type_hints
+from urllib.parse import unquote, urlsplit
 
-from imagecb_provider.exceptions import ImageCbConfigurationError, InvalidGenerationRequest
+from imagecb_provider.exceptions import (
+    ImageCbConfigurationError,
+    InputImageUnavailable,
+    InvalidGenerationRequest,
+    InvalidInputImage,
+)
+from imagecb_provider.hooks.protocol import without_query
 from imagecb_provider.models import MAX_PROMPT_LENGTH, GenerationRequest, request_key
+from imagecb_provider.utils.inputs import MAX_INPUT_IMAGE_BYTES, display_name, sniff_image_type
+
+if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
 
 #: The largest prompt file read (16 MiB: hundreds of thousands of prompts). A larger file is
 #: refused whole, before it is parsed, instead of filling a worker's memory.
@@ -39,6 +63,12 @@ _FIELD_TYPES: dict[str, type] = {
     for name, hint in get_type_hints(GenerationRequest).items()
 }
 _JSON_TYPE_NAMES = {str: "a string", bool: "true or false", int: "a whole number"}
+#: The files a folder batch takes by default (DAG param ``input_glob``), matched without case.
+DEFAULT_INPUT_GLOB = "*.png,*.jpg,*.jpeg,*.webp"
+#: The most images one folder batch takes: more would make one run's XComs tens of megabytes.
+MAX_INPUT_IMAGES = 20_000
+_HTTP_SCHEMES = ("http", "https")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 _QUOTE_HINT = (
     "after a closing quote only a comma or the end of the line may follow; to keep quotes in a "
     'prompt, quote the whole prompt and double the quotes inside it: "a sign that says ""open"""'
@@ -82,7 +112,14 @@ def read_prompt_file(path: str | os.PathLike[str]) -> str:
         ) from error
 
 
-def parse_prompt_file(text: str, name: str, defaults: Mapping[str, Any] | None = None) -> PromptBatch:
+def parse_prompt_file(
+    text: str,
+    name: str,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    base: str | os.PathLike[str] | None = None,
+    check_inputs: bool = True,
+) -> PromptBatch:
     """
     Validate every row of a prompt file's ``text``; ``name`` tells the format (``.jsonl``/``.csv``).
 
@@ -93,8 +130,11 @@ def parse_prompt_file(text: str, name: str, defaults: Mapping[str, Any] | None =
     :param text: the file's text (read it with :func:`read_prompt_file`); a leading BOM is dropped.
     :param name: the file's name or path, for its format and for error texts.
     :param defaults: request fields for what a row leaves empty.
+    :param base: the folder a relative ``input_image`` path is read from (default: ``name``'s folder).
+    :param check_inputs: reject a row whose local input image is missing, not an image or too large.
     :raises ImageCbConfigurationError: a problem of the whole file; then nothing may be sent.
     """
+    folder = os.fspath(base) if base is not None else os.path.dirname(os.path.abspath(name))
     defaults = {k: v for k, v in (defaults or {}).items() if v not in (None, "")}
     _check_defaults(defaults)
     # Characters, not bytes: a file within the byte cap always passes, and csv's field size limit
@@ -109,7 +149,7 @@ def parse_prompt_file(text: str, name: str, defaults: Mapping[str, Any] | None =
             batch.rejected.append({"line": line, "prompt": prompt, "error": row.error})
             continue
         try:
-            request = _request_from_row(row, defaults)
+            request = _request_from_row(row, defaults, folder, check_inputs)
         except InvalidGenerationRequest as error:
             batch.rejected.append({"line": line, "prompt": _prompt_of(row), "error": str(error)})
             continue
@@ -154,13 +194,251 @@ def group_requests(
 
 
 def _label(members: list[dict[str, Any]]) -> str:
-    """``line 7: a red bicycle...`` for one prompt, ``lines 2-51 (48 prompts)`` for a group."""
+    """
+    ``line 7: a red bicycle...`` for one prompt, ``lines 2-51 (48 prompts)`` for a group; from a
+    folder, ``image 3: shoe.png`` and ``images 1-25 (25 images)``.
+    """
+    folder = all("name" in m for m in members)
     if len(members) == 1:
-        prompt = members[0]["request"]["prompt"]
-        shown = prompt if len(prompt) <= 48 else prompt[:47].rstrip() + "…"
-        return f"line {members[0]['line']}: {shown}"
+        text = members[0]["name"] if folder else members[0]["request"]["prompt"]
+        shown = text if len(text) <= 48 else text[:47].rstrip() + "…"
+        return f"{'image' if folder else 'line'} {members[0]['line']}: {shown}"
     first, last = members[0]["line"], members[-1]["line"]
+    if folder:
+        return f"images {first}-{last} ({len(members)} images)"
     return f"lines {first}-{last} ({len(members)} prompts)"
+
+
+# ----------------------------------------------------------------------- a folder of images
+def glob_patterns(text: str) -> list[str]:
+    """
+    Read ``input_glob``: patterns separated by commas, each with optional ``{a,b}`` alternatives.
+
+    ``*.png,*.jpg`` and ``*.{png,jpg}`` are the same two patterns. A pattern is matched against a
+    file's path under the folder, without case; ``*`` also matches a ``/`` (so ``*/*.png`` takes
+    the images of every subfolder).
+
+    :param text: the param's value.
+    :raises ImageCbConfigurationError: no pattern, or a brace that is not closed.
+    """
+    patterns: list[str] = []
+    for part in _split_top_level(text or ""):
+        patterns.extend(_expanded(part.strip(), text))
+    patterns = list(dict.fromkeys(p for p in patterns if p))
+    if not patterns:
+        raise ImageCbConfigurationError(
+            f"input_glob={text!r}: give at least one file name pattern, like {DEFAULT_INPUT_GLOB}"
+        )
+    return patterns
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` cut at the commas outside braces."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _expanded(pattern: str, text: str) -> list[str]:
+    """Every pattern a ``{a,b}`` group stands for (groups may nest)."""
+    opening = pattern.find("{")
+    if opening < 0:
+        if "}" in pattern:
+            raise ImageCbConfigurationError(f"input_glob={text!r}: a '}}' without its '{{'")
+        return [pattern]
+    depth = 0
+    for closing in range(opening, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[closing], 0)
+        if depth == 0:
+            break
+    else:
+        raise ImageCbConfigurationError(f"input_glob={text!r}: a '{{' that is never closed")
+    head, body, tail = pattern[:opening], pattern[opening + 1 : closing], pattern[closing + 1 :]
+    return [
+        expanded
+        for choice in _split_top_level(body)
+        for expanded in _expanded(head + choice.strip() + tail, text)
+    ]
+
+
+def list_input_images(
+    folder: str,
+    glob: str,
+    instruction: str,
+    defaults: Mapping[str, Any] | None = None,
+    *,
+    conn_id: str | None = None,
+    max_images: int = MAX_INPUT_IMAGES,
+) -> PromptBatch:
+    """
+    One edit request per image in ``folder`` whose path matches ``glob``, sorted by path.
+
+    Each request is ``instruction`` applied to one image; its ``line`` is the image's position (1
+    for the first) and its ``name`` the path under the folder. Files whose name starts with a dot
+    are left out (``.DS_Store``, macOS's ``._photo.jpg``). An image over the input cap, an empty
+    file or, on local disk, a file that is not a PNG, JPEG or WEBP image by its first bytes is
+    rejected at its position; object-store files are read when their group is submitted.
+
+    :param folder: a local folder (absolute), a ``file://`` URL, or an object-store prefix such as
+        ``s3://bucket/photos/`` (``s3://conn_id@bucket/photos/`` for another connection than the
+        default one).
+    :param glob: the file name patterns (:func:`glob_patterns`).
+    :param instruction: the edit applied to every image (the requests' ``prompt``).
+    :param defaults: request fields for every image (e.g. ``model``); never ``aspect_ratio``: an edit
+        keeps its input's ratio.
+    :param conn_id: the Airflow connection of an object store (else the URL's own, or the default).
+    :param max_images: refuse a folder with more matching images.
+    :raises ImageCbConfigurationError: an empty or too long instruction, a relative path, no
+        filesystem for the scheme, a file instead of a folder, no image found, or too many.
+    :raises InputImageUnavailable: the store failed the listing (credentials, network): retryable.
+    """
+    instruction = _checked_instruction(instruction)
+    patterns = glob_patterns(glob)
+    applicable = {k: v for k, v in (defaults or {}).items() if v not in (None, "") and k != "aspect_ratio"}
+    _check_defaults(applicable)
+    path, shown = _folder_path(folder, conn_id)
+    files = _matching_files(path, shown, patterns, glob)
+    if len(files) > max_images:
+        raise ImageCbConfigurationError(
+            f"{len(files)} images in {shown} match input_glob={glob!r}; a run takes at most {max_images} "
+            "(MAX_INPUT_IMAGES): narrow input_glob or split the folder into several runs. Nothing was sent"
+        )
+    local = path.protocol in ("file", "local", "")
+    batch = PromptBatch()
+    for line, (name, size) in enumerate(files, start=1):
+        source = os.path.join(path.path, name) if local else str(path / name)
+        try:
+            request = _folder_request(source, name, size, local, instruction, applicable)
+        except InvalidGenerationRequest as error:
+            batch.rejected.append({"line": line, "prompt": name, "error": str(error)})
+            continue
+        key = request_key(request.to_payload())
+        batch.requests.append({"line": line, "key": key, "request": request.to_dict(), "name": name})
+    return batch
+
+
+def _checked_instruction(instruction: Any) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ImageCbConfigurationError(
+            "instruction is empty: say how to edit every image of input_images, e.g. "
+            "'put the product on a pure white background'. Nothing was sent"
+        )
+    try:
+        GenerationRequest(prompt=instruction)
+    except InvalidGenerationRequest as error:
+        raise ImageCbConfigurationError(f"instruction: {error.allowed}. Nothing was sent") from None
+    if not _is_utf8(instruction):
+        raise ImageCbConfigurationError("instruction holds a lone surrogate (\\ud800-\\udfff): retype it")
+    return instruction.strip()
+
+
+def _folder_path(folder: str, conn_id: str | None) -> tuple[ObjectStoragePath, str]:
+    """The folder as an ``ObjectStoragePath`` and its display name, or a configuration error."""
+    from imagecb_provider.batch.archive import FILESYSTEM_PACKAGES, storage_path
+
+    text = (folder or "").strip()
+    shown = display_name(text)
+    if "://" not in text and not os.path.isabs(os.path.expanduser(text)):
+        raise ImageCbConfigurationError(
+            f"input_images={shown!r}: give an absolute folder path (it is read on the workers) or a URL "
+            "such as s3://bucket/photos/. Nothing was sent"
+        )
+    userinfo = urlsplit(text).netloc.rpartition("@")[0] if "://" in text else ""
+    if ":" in userinfo or (userinfo and text.lower().startswith(_HTTP_SCHEMES)):
+        raise ImageCbConfigurationError(
+            f"input_images={shown!r} carries credentials (user:password@): keep them in an Airflow "
+            "connection and name it instead (s3://<conn_id>@bucket/prefix/). Nothing was sent"
+        )
+    scheme = text.partition("://")[0].lower() if "://" in text else "file"
+    if scheme in _HTTP_SCHEMES:
+        raise ImageCbConfigurationError(
+            f"input_images={shown!r}: an http(s) address cannot be listed; give a folder or an object-store "
+            "prefix, or list the links in a prompt file's input_image column. Nothing was sent"
+        )
+    try:
+        path = storage_path(text, conn_id)
+        path.fs  # noqa: B018 - instantiating the filesystem is what fails when its package is missing
+    except (ImportError, ValueError) as error:
+        package = FILESYSTEM_PACKAGES.get(scheme, f"the fsspec filesystem of {scheme}://")
+        raise ImageCbConfigurationError(
+            f"input_images={shown!r} cannot be read: no filesystem for {scheme}:// is installed ({error}). "
+            f"Install {package} on every worker. Nothing was sent"
+        ) from None
+    return path, shown
+
+
+def _matching_files(
+    path: ObjectStoragePath, shown: str, patterns: list[str], glob: str
+) -> list[tuple[str, int | None]]:
+    """``(path under the folder, size)`` of every file matching a pattern, sorted; at least one."""
+    root = path.path.rstrip("/") or "/"
+    deep = any("/" in pattern for pattern in patterns)
+    try:
+        if path.protocol in ("file", "local", "") and os.path.isfile(root):
+            found = {root: {"type": "file"}}
+        else:
+            found = path.fs.find(root, maxdepth=None if deep else 1, detail=True)
+    except FileNotFoundError:
+        found = {}
+    except Exception as error:
+        raise InputImageUnavailable(
+            f"Could not list input_images={shown!r} ({type(error).__name__}: {without_query(str(error))}): "
+            "check the store, the credentials of its connection and the network. Nothing was sent"
+        ) from None
+    if root in found and found[root].get("type") == "file":
+        raise ImageCbConfigurationError(
+            f"input_images={shown!r} is a file, not a folder: give its folder (and input_glob), or name it "
+            "in a prompt file's input_image column. Nothing was sent"
+        )
+    prefix = root.rstrip("/") + "/"
+    files, seen = [], 0
+    for name, info in found.items():
+        relative = name[len(prefix) :] if name.startswith(prefix) else None
+        if not relative or info.get("type", "file") != "file":
+            continue
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue  # .DS_Store, macOS's ._photo.jpg, a partial write
+        seen += 1
+        if any(fnmatch.fnmatchcase(relative.lower(), pattern.lower()) for pattern in patterns):
+            size = info.get("size")
+            files.append((relative, size if isinstance(size, int) else None))
+    if not files:
+        what = f"{seen} file(s), none matching" if seen else "no file (no such folder, or empty)"
+        raise ImageCbConfigurationError(
+            f"No images found in input_images={shown!r} matching input_glob={glob!r}: the folder holds "
+            f"{what}. Check the folder, or widen input_glob (patterns are matched against the path under "
+            "the folder, without case; */*.png takes subfolders). Nothing was sent"
+        )
+    return sorted(files)
+
+
+def _folder_request(
+    source: str,
+    name: str,
+    size: int | None,
+    local: bool,
+    instruction: str,
+    defaults: Mapping[str, Any],
+) -> GenerationRequest:
+    """The edit request of one listed file, or :class:`InvalidInputImage` naming why it is left out."""
+    if size is not None and size > MAX_INPUT_IMAGE_BYTES:
+        raise InvalidInputImage(
+            name,
+            f"it is {size} bytes, over the {MAX_INPUT_IMAGE_BYTES / 2**20:g} MiB an input image may be",
+            "shrink or recompress it",
+        )
+    if size == 0:
+        raise InvalidInputImage(name, "it is empty", "give a PNG, JPEG or WEBP file")
+    if not local and ("?" in name or "#" in name):
+        raise InvalidInputImage(name, "its name holds ? or #, which a URL cannot carry", "rename it")
+    if local:
+        _check_local_input(source, relative=False, base="")
+    return GenerationRequest.from_dict({**defaults, "prompt": instruction, "input_image": source})
 
 
 def _too_large() -> str:
@@ -177,7 +455,9 @@ def _check_defaults(defaults: Mapping[str, Any]) -> None:
         raise ImageCbConfigurationError(f"Batch default {error}") from error
 
 
-def _request_from_row(row: Mapping[str, Any], defaults: Mapping[str, Any]) -> GenerationRequest:
+def _request_from_row(
+    row: Mapping[str, Any], defaults: Mapping[str, Any], folder: str, check_inputs: bool
+) -> GenerationRequest:
     values = {k: v for k, v in row.items() if v is not None and v != ""}
     for key, value in values.items():
         if isinstance(value, str) and not _is_utf8(value):
@@ -185,10 +465,130 @@ def _request_from_row(row: Mapping[str, Any], defaults: Mapping[str, Any]) -> Ge
             raise InvalidGenerationRequest(key, _shown(value), "holds a lone surrogate (\\ud800-\\udfff)")
     if "prompt" not in values:
         raise InvalidGenerationRequest("prompt", row.get("prompt"), "must be a non-empty string")
+    if isinstance(values.get("input_image"), str):
+        values["input_image"] = resolve_input_image(values["input_image"], folder, check=check_inputs)
     applicable = {
         k: v for k, v in defaults.items() if not (k == "aspect_ratio" and values.get("input_image"))
     }
     return GenerationRequest.from_dict({**applicable, **values})
+
+
+# ----------------------------------------------------------------------- input images
+def resolve_input_image(value: str, base: str | os.PathLike[str], *, check: bool = True) -> str:
+    """
+    Check an ``input_image`` value and make a relative path absolute; return what the request carries.
+
+    A public ``http(s)`` link, a ``file://`` URL or an object-store URL (``s3://bucket/key``, with
+    the Airflow connection as ``s3://conn_id@bucket/key`` if not the default) is kept as written; a
+    local path is made absolute against ``base`` (a ``~`` is the worker's home). Refused, naming
+    the fix, without showing any credentials: a URL with ``user:password@``, a URL without a host,
+    an object-store URL with a query or naming a folder, a control character. With ``check``, a
+    local file (path or ``file://``) must exist and be a PNG, JPEG or WEBP image within the cap.
+
+    :param value: the row's ``input_image``.
+    :param base: the folder a relative path is read from (the prompt file's).
+    :param check: read the first bytes of a local file now, before anything is sent.
+    :raises InvalidInputImage: the value cannot be sent; the row is rejected.
+    """
+    text = value.strip()
+    shown = _shown(display_name(text))
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise InvalidInputImage(
+            shown,  # shown as repr: the line break as \n
+            "it holds a control character (a line break, a tab)",
+            "give one path or URL per field",
+        )
+    if "://" not in text:
+        path = os.path.normpath(os.path.join(os.fspath(base), os.path.expanduser(text)))
+        if text.endswith(("/", os.sep)):
+            raise InvalidInputImage(shown, "it names a folder", _FOLDER_FIX)
+        if check:
+            _check_local_input(path, relative=not os.path.isabs(os.path.expanduser(text)), base=base)
+        return path
+    scheme = text.partition("://")[0]
+    if not _SCHEME.fullmatch(scheme):
+        raise InvalidInputImage(
+            shown, "it is neither a path nor a URL", "give a path, or a URL like s3://bucket/key"
+        )
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - reading it is the check (a port that is no number raises)
+    except ValueError:
+        raise InvalidInputImage(
+            f"{scheme}://…", "it is not a valid URL", "check the host part (brackets, port)"
+        ) from None
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else None
+    scheme = scheme.lower()
+    if scheme in _HTTP_SCHEMES:
+        if userinfo is not None:
+            raise InvalidInputImage(
+                shown,
+                "the link carries credentials (user:password@), which would go to the API and into the logs",
+                "give a public link, or the object's s3:// or gs:// URL (read with its connection)",
+            )
+        if not parts.hostname or any(c.isspace() for c in text):
+            raise InvalidInputImage(
+                shown, "it is not an absolute link with a host", "give https://host/path (spaces as %20)"
+            )
+        return text
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise InvalidInputImage(
+                shown, "a file:// URL names a file on the worker by its absolute path", "write file:///path"
+            )
+        if parts.query or parts.fragment or "?" in text or "#" in text:
+            raise InvalidInputImage(shown, _QUERY_REASON, "give the path alone (rename a file with ? or #)")
+        if text.endswith("/"):
+            raise InvalidInputImage(shown, "it names a folder", _FOLDER_FIX)
+        if check:
+            _check_local_input(unquote(parts.path), relative=False, base=base)
+        return text
+    if userinfo is not None and ":" in userinfo:
+        raise InvalidInputImage(
+            shown,
+            "the URL carries credentials (user:password@)",
+            "keep them in an Airflow connection and name it instead: "
+            f"{scheme}://<conn_id>@bucket/key (or none, for the default connection)",
+        )
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise InvalidInputImage(shown, _QUERY_REASON, f"give {scheme}://bucket/key alone")
+    if not parts.hostname or not parts.path.strip("/") or text.endswith("/"):
+        raise InvalidInputImage(shown, "it names a bucket or a folder, not a file", _FOLDER_FIX)
+    return text
+
+
+_FOLDER_FIX = "give the path of one image file (to edit every image of a folder: the DAG param input_images)"
+_QUERY_REASON = "it has a query or a fragment (? or #), which an object-store URL does not take"
+
+
+def _check_local_input(path: str, *, relative: bool, base: str | os.PathLike[str]) -> None:
+    """Refuse a local input image that is missing, not a file, over the cap or not an image."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise InvalidInputImage(path, "it is a folder", _FOLDER_FIX)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInputImage(path, "it is not a regular file", "give the path of an image file")
+        if info.st_size > MAX_INPUT_IMAGE_BYTES:
+            raise InvalidInputImage(
+                path,
+                f"it is over {MAX_INPUT_IMAGE_BYTES} bytes ({MAX_INPUT_IMAGE_BYTES / 2**20:g} MiB), the most "
+                "an input image may be",
+                "shrink or recompress it",
+            )
+        with open(path, "rb") as file:
+            head = file.read(12)
+    except FileNotFoundError:
+        where = f" (a relative path is read from the prompt file's folder, {os.fspath(base)})"
+        raise InvalidInputImage(path, "no such file", f"check the path{where if relative else ''}") from None
+    except PermissionError:
+        denied = "it cannot be read (permission denied)"
+        raise InvalidInputImage(path, denied, "let the workers read it") from None
+    except OSError as error:
+        raise InvalidInputImage(path, f"it cannot be read ({error.strerror})", "check the path") from None
+    if sniff_image_type(head) is None:
+        what = "it is empty" if not head else "it is not a PNG, JPEG or WEBP image (by its first bytes)"
+        raise InvalidInputImage(path, what, "give a PNG, JPEG or WEBP file, or convert it")
 
 
 def _prompt_of(row: Mapping[str, Any]) -> str | None:

@@ -6,28 +6,45 @@ left without one, the rejected rows).
 Each run writes into its own folder, ``<day folder>/runs/<run id>/``, next to the day's shared
 ``images/`` (files and ``manifest.jsonl``) and ``quarantine.jsonl``. A report task that runs again
 after a rerun keeps the batch time of the first pass and adds the rerun's own time.
+
+An edit's card shows its input beside its result, before and after. The input is read again and
+copied once per content into the run's own ``inputs/<sha256>.<ext>`` (:func:`copy_inputs`), so
+the sheet needs no access to the source (a bucket, another machine's folder) and keeps working
+offline; nothing is written outside the run's folder. A public ``http(s)`` input is not fetched:
+its card names the link.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import statistics
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from airflow.sdk import ObjectStoragePath
 
-from imagecb_provider.batch.archive import MANIFEST_NAME, JsonlLedger
+from imagecb_provider.batch.archive import MANIFEST_NAME, JsonlLedger, archive_target
+from imagecb_provider.exceptions import InputImageUnavailable, InvalidInputImage
 from imagecb_provider.models import Outcome, parse_timestamp, request_key, to_iso
+from imagecb_provider.utils.inputs import display_name, is_http_url, read_input_image
 
 NOT_RUN = "not_run"
 #: The outcome of a prompt whose image succeeded but could not be kept (its archive task failed).
 NOT_ARCHIVED = "not_archived"
+#: The run's copies of the edited images' inputs: ``runs/<run folder>/inputs/<sha256>.<ext>``.
+INPUTS_FOLDER = "inputs"
+#: Inputs read at once while copying them for the sheet.
+INPUT_COPY_CONCURRENCY = 4
+
+log = logging.getLogger(__name__)
 
 
 def run_folder_name(run_id: str) -> str:
@@ -38,7 +55,7 @@ def run_folder_name(run_id: str) -> str:
 def lost_entry(result: Mapping[str, Any]) -> dict[str, Any]:
     """The quarantine line of a prompt left without an image: what was asked, how it ended, why."""
     earlier = [e.get("outcome") for e in result.get("earlier") or ()]
-    return {
+    entry = {
         "request_key": request_key(result.get("request") or {}),
         "task_id": result.get("task_id"),
         "prompt": result.get("prompt") or "",
@@ -49,6 +66,9 @@ def lost_entry(result: Mapping[str, Any]) -> dict[str, Any]:
         "request": result.get("request"),
         "quarantined_at": to_iso(datetime.now(UTC)),
     }
+    if result.get("input_image"):  # an edit of a file: what was read of it
+        entry["input_image"] = result["input_image"]
+    return entry
 
 
 def _flatten(values: Iterable[Any]) -> list[dict[str, Any]]:
@@ -85,6 +105,7 @@ def _entry(
         "line": item["line"],
         "prompt": item["request"]["prompt"],
         "key": item["key"],
+        "name": item.get("name"),
         "group": item.get("group"),
         "label": (group or {}).get("label"),
         "outcome": outcome,
@@ -95,7 +116,30 @@ def _entry(
         "completed_at": (result or {}).get("completed_at"),
         "seconds": _seconds(result) if result else None,
         "files": files,
+        "input": _input(item, result, files),
         "reused": False,
+    }
+
+
+def _input(item: Mapping[str, Any], result: Mapping[str, Any] | None, files: list[dict]) -> dict | None:
+    """
+    An edit's input, for its card: ``{"source", "sha256", "before", "note"}``; ``None`` for no edit.
+
+    ``source`` is shown without credentials or query; ``sha256`` is what was uploaded (from the
+    result, else the manifest), ``None`` when it never was; ``before`` (the run's copy) and
+    ``note`` are filled by :func:`copy_inputs`.
+    """
+    source = item["request"].get("input_image")
+    if not source:
+        return None
+    described = (result or {}).get("input_image")
+    sent = described.get("sha256") if isinstance(described, Mapping) else None
+    kept = next((f.get("input_sha256") for f in files if f.get("input_sha256")), None)
+    return {
+        "source": display_name(source),
+        "sha256": sent or kept,
+        "before": None,
+        "note": None,
     }
 
 
@@ -140,11 +184,14 @@ def build_summary(
     counts = Counter(image["outcome"] for image in images)
     durations = [i["seconds"] for i in images if i["seconds"] is not None and not i["reused"]]
     credits_before = batch.get("credits_before")
+    source = batch.get("source") or {"kind": "file", "path": prompts_path}
     return {
         "dag_id": dag_id,
         "run_id": run_id,
         "generate_task_id": generate_task_id,
-        "prompts_path": prompts_path,
+        # a folder batch read no prompt file
+        "prompts_path": prompts_path if source.get("kind") != "folder" else None,
+        "source": source,
         "counts": {o.value: counts.get(o.value, 0) for o in Outcome} | _extra_counts(counts),
         "prompts": len(images) + len(batch["rejected"]),
         "rejected": len(batch["rejected"]),
@@ -278,6 +325,7 @@ def write_report(
         finished_at=datetime.now(UTC),
     )
     paths = report_paths(folder, run_id)
+    copy_inputs(out, summary["images"], _sources(batch))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "report.html").write_text(render_contact_sheet(summary, ui_url=ui_url))
     print(f"Summary: {json.dumps(summary['counts'])}; report: {paths['report']}")
@@ -299,6 +347,72 @@ def write_report(
     return paths
 
 
+# --------------------------------------------------------------------------- the inputs
+def _sources(batch: Mapping[str, Any]) -> dict[str, str]:
+    """Each edit's ``input_image`` as its request holds it (with its connection id), by request key."""
+    items = [*batch.get("items", ()), *batch.get("reused", ())]
+    return {i["key"]: i["request"]["input_image"] for i in items if i["request"].get("input_image")}
+
+
+def copy_inputs(out: ObjectStoragePath, images: list[dict[str, Any]], sources: Mapping[str, str]) -> None:
+    """
+    Copy the input of every edit into ``out/inputs/<sha256>.<ext>``, once per content; fill its ``before``.
+
+    Each source is read once (:func:`~imagecb_provider.utils.inputs.read_input_image`: the same
+    checks and cap as the upload). A copy already there with the same size is not written again,
+    so a report that runs again writes nothing new. An input that cannot be read now gets a
+    ``note`` instead (the card says why), and one whose content differs from what was uploaded
+    is shown as it is now, with a ``note`` saying so; the report never fails for an input.
+    An ``http(s)`` input is not fetched.
+
+    :param out: the run's folder (``runs/<run folder>``).
+    :param images: the summary's entries (their ``input`` is updated).
+    :param sources: each edit's ``input_image`` by request key (:func:`_sources`).
+    """
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for image in images:
+        source = sources.get(image["key"])
+        if image.get("input") and source and not is_http_url(source):
+            by_source.setdefault(source, []).append(image)
+    if not by_source:
+        return
+    folder = out / INPUTS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=INPUT_COPY_CONCURRENCY) as pool:
+        list(pool.map(lambda pair: _copy_input(folder, *pair), by_source.items()))
+
+
+def _copy_input(folder: ObjectStoragePath, source: str, images: list[dict[str, Any]]) -> None:
+    try:
+        image = read_input_image(source)
+        # The name is the hash we computed and the sniffed type: one segment, checked all the same.
+        target = archive_target(folder, image.upload_name, image.sha256)
+        if not (target.exists() and target.stat().st_size == image.size):
+            partial = folder / f".{target.name}.{uuid.uuid4().hex}.partial"
+            try:
+                partial.write_bytes(image.data)
+                partial.rename(target)
+            finally:
+                if partial.exists():
+                    partial.unlink()
+    except (InvalidInputImage, InputImageUnavailable) as error:
+        for entry in images:
+            entry["input"]["note"] = f"not shown: {error}"
+        return
+    except Exception as error:  # the sheet goes on without this picture
+        log.warning("Could not copy the input %s for the contact sheet: %s", display_name(source), error)
+        for entry in images:
+            entry["input"]["note"] = f"not shown: it could not be copied ({type(error).__name__})"
+        return
+    for entry in images:
+        entry["input"]["before"] = f"{INPUTS_FOLDER}/{image.upload_name}"
+        sent = entry["input"].get("sha256")
+        if sent and sent != image.sha256:
+            entry["input"]["note"] = (
+                f"the file changed after it was sent (sent sha256 {sent[:12]}…): shown as it is now"
+            )
+
+
 # --------------------------------------------------------------------------- the sheet
 #: The contact sheet's style, also used by the run view while a batch is going (``ui/pages.py``).
 CONTACT_SHEET_CSS = """
@@ -315,7 +429,13 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#666;margin-bottom:16px}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;color:#fff}
 .success{background:#2e7d32}.content_policy{background:#c62828}.internal_error{background:#ef6c00}
 .generation_failed{background:#ad1457}.timeout{background:#6a1b9a}.not_run,.not_archived{background:#757575}
-.not_sent{background:#455a64}
+.not_sent{background:#455a64}.upload_failed{background:#37474f}
+.card.edit{grid-column:span 2}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:2px;background:#ddd}
+.pair figure{margin:0;position:relative;min-width:0}
+.pair figcaption{position:absolute;left:6px;top:6px;padding:0 6px;border-radius:8px;font-size:11px;
+color:#fff;background:rgba(0,0,0,.55)}
+.source{color:#555;font-size:12px;word-break:break-all}
 .notice{background:#fff3e0;border:1px solid #ef6c00;border-radius:8px;padding:8px 12px;margin-bottom:12px}
 .submission_uncertain{background:#4e342e}
 .reason{color:#b71c1c;font-size:12px;margin-top:4px} .small{color:#777;font-size:12px}
@@ -331,6 +451,21 @@ def _thumbnail(image: Mapping[str, Any]) -> str:
     # The report sits in runs/<run id>/ beside the day's images/ folder.
     src = "../../images/" + str(result["path"]).rsplit("/", 1)[-1]
     return f'<img src="{html.escape(src)}" alt="{html.escape(image["prompt"])}" loading="lazy">'
+
+
+def _before_and_after(image: Mapping[str, Any]) -> str:
+    """An edit's input beside its result, each captioned."""
+    given = image["input"]
+    if given.get("before"):
+        alt = html.escape(f"before: {given['source']}")
+        before = f'<img src="{html.escape(given["before"])}" alt="{alt}" loading="lazy">'
+    else:
+        link = "a link, not copied" if is_http_url(given["source"]) else "not copied"
+        before = f'<div class="none">{html.escape(link)}</div>'
+    return (
+        f'<div class="pair"><figure>{before}<figcaption>before</figcaption></figure>'
+        f"<figure>{_thumbnail(image)}<figcaption>after</figcaption></figure></div>"
+    )
 
 
 def task_instance_url(ui_url: str, dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
@@ -357,11 +492,19 @@ def _card(image: Mapping[str, Any], summary: Mapping[str, Any], ui_url: str) -> 
         label = html.escape(image["label"] or "")
         link = f'<a class="ti" href="{html.escape(url)}" target="_top">{label}</a>'
     lost = " lost" if image["outcome"] != Outcome.SUCCESS else ""
+    given = image.get("input")
+    picture, source = _thumbnail(image), ""
+    if given:
+        picture = _before_and_after(image)
+        note = f'<div class="reason">{html.escape(given["note"])}</div>' if given.get("note") else ""
+        source = f'<div class="source">{html.escape(given["source"])}</div>{note}'
+    where = "image" if (summary.get("source") or {}).get("kind") == "folder" else "line"
     return (
-        f'<div class="card{lost}" id="line-{image["line"]}">{_thumbnail(image)}<div class="body">'
-        f'<span class="badge {html.escape(image["outcome"])}">{html.escape(image["outcome"])}</span> '
-        f'<span class="small">line {image["line"]} · {html.escape(" · ".join(notes))}</span>'
-        f'<div class="prompt">{html.escape(image["prompt"])}</div>{reason}{link}</div></div>'
+        f'<div class="card{lost}{" edit" if given else ""}" id="line-{image["line"]}">{picture}'
+        f'<div class="body"><span class="badge {html.escape(image["outcome"])}">'
+        f"{html.escape(image['outcome'])}</span> "
+        f'<span class="small">{where} {image["line"]} · {html.escape(" · ".join(notes))}</span>'
+        f'<div class="prompt">{html.escape(image["prompt"])}</div>{source}{reason}{link}</div></div>'
     )
 
 
@@ -381,11 +524,20 @@ def render_contact_sheet(summary: Mapping[str, Any], *, ui_url: str = "") -> str
         f"<td>{html.escape(row['error'])}</td></tr>"
         for row in summary["rejected_rows"]
     )
+    source = summary.get("source") or {}
+    folder = source.get("kind") == "folder"
+    heads = "<th>image</th><th>file</th>" if folder else "<th>line</th><th>prompt</th>"
     rejected_table = (
-        "<h2>Rejected rows (never sent)</h2>"
-        f"<table><tr><th>line</th><th>prompt</th><th>reason</th></tr>{rejected}</table>"
+        f"<h2>Rejected {'images' if folder else 'rows'} (never sent)</h2>"
+        f"<table><tr>{heads}<th>reason</th></tr>{rejected}</table>"
         if rejected
         else ""
+    )
+    shown = {k: html.escape(str(source.get(k))) for k in ("folder", "glob", "instruction")}
+    read = (
+        f"images from {shown['folder']} matching {shown['glob']}, each edited with “{shown['instruction']}”"
+        if folder
+        else f"prompts from {html.escape(str(summary['prompts_path']))}"
     )
     cards = "".join(_card(image, summary, ui_url) for image in summary["images"])
     run_id = html.escape(summary["run_id"])
@@ -399,7 +551,7 @@ def render_contact_sheet(summary: Mapping[str, Any], *, ui_url: str = "") -> str
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>imagecb batch {run_id}"
         f"</title><style>{CONTACT_SHEET_CSS}</style></head><body><h1>Image batch {run_id}</h1>"
-        f'<div class="meta">{summary["prompts"]} prompts from {html.escape(summary["prompts_path"])} · '
+        f'<div class="meta">{summary["prompts"]} {read} · '
         f"{summary['archived_files']} files archived · {summary['lost']} without an image · "
         f"credits used: {credits['used']} · batch time: {durations['batch_seconds']} s{reruns}</div>"
         f'<div class="counts">{counts}<span class="rejected">rejected: {summary["rejected"]}</span></div>'

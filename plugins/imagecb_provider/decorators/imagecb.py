@@ -7,6 +7,14 @@ snake_case (as :class:`~imagecb_provider.models.GenerationRequest` and the argum
 ``ImageGenerateOperator`` in every other respect: it submits, waits (deferrable by default),
 reconnects on a retry through the same submission ledger, and returns the same result dict.
 
+Input images
+------------
+``input_image`` takes what ``ImageGenerateOperator`` takes: a public ``http(s)`` link, or a file
+uploaded when the request is sent (a local path, a ``file://``, ``s3://``, ``gs://``... URL, an
+``ObjectStoragePath``, kept in the request as its URL string). So edits chain: the function of
+the next step returns ``{"prompt": ..., "input_image": archived["files"][0]["path"]}``, the path
+an ``ImageArchiveOperator`` wrote the previous image to.
+
 When the request is computed
 ----------------------------
 The function is called while the task's templates are rendered, before ``execute``. So the

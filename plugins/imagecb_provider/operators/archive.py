@@ -27,6 +27,7 @@ from imagecb_provider.batch.archive import (
     ArchiveRun,
     ArchiveStore,
     archive_remote_task_id,
+    input_fields,
     storage_path,
 )
 from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
@@ -103,7 +104,8 @@ class ImageArchiveOperator(BaseOperator):
         When mapping this operator itself (``.partial().expand()``), pass the asset in
         ``partial(outlets=[asset], asset=asset)`` so that the scheduler knows it.
     :return: the successful results, each with ``files``: path, sha256, bytes, content_type,
-        source (``result`` or ``origin``) and ``fetched_via``. A single result in, a single out.
+        source (``result`` or ``origin``) and ``fetched_via``; for an edit, ``input_source`` and
+        ``input_sha256`` (the input image's path or URL and hash). A single result in, a single out.
 
     Files are named after the results' remote task ids: a successful result whose ``task_id`` is
     not of the strict form (1 to 128 letters, digits, ``_`` or ``-``) fails the task with
@@ -222,6 +224,8 @@ class ImageArchiveOperator(BaseOperator):
             "remote_task_id": archive_remote_task_id(result.get("task_id"), self.store.destination),
             "prompt": result.get("prompt"),
             "request_key": request_key(result.get("request") or {}),
+            # an edit: where its input image came from, beside the result (no credentials or query)
+            **input_fields(result),
         }
         jobs = [{**common, "source": "result", "url": result["result_image_url"]}]
         if self.keep_origin and result.get("origin_image_url"):

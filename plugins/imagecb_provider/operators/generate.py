@@ -10,6 +10,7 @@ wait; see :mod:`imagecb_provider.utils.generation` for what a retry or a cleared
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
@@ -33,7 +34,7 @@ from imagecb_provider.utils.waiting import (
 )
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Context, ObjectStoragePath
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: Every request field is an argument of ``ImageGenerateOperator`` with the same name.
@@ -121,6 +122,15 @@ class ImageGenerateOperator(_GenerateBase):
     argument is templated, else right after rendering.
 
     :param prompt: what to draw (or, with ``input_image``, how to edit it).
+    :param input_image: the image to edit: a public ``http(s)`` link (sent as it is), or a file
+        read on the worker and uploaded through the vendor's File Upload API when the request is
+        sent: a local path, a ``file://``, ``s3://``, ``gs://``... URL (``scheme://conn_id@...``
+        names the Airflow connection), or an ``ObjectStoragePath``; e.g. the ``files[].path`` of
+        an ``ImageArchiveOperator`` result, to edit an image made upstream. A file is checked
+        (exists, a PNG, JPEG or WEBP image, at most 10 MiB) before anything is sent; a refused
+        one raises :class:`~imagecb_provider.exceptions.InvalidInputImage` (no retry), an upload
+        that fails through its retries ends ``upload_failed`` (retryable). Each content is
+        uploaded once while its link lives, whatever the retries, resubmissions and reruns.
     :param request: request fields as a mapping of snake_case keys.
     :param imagecb_conn_id: the ``imagecb`` connection.
     :param deferrable: wait in the triggerer (default) instead of holding a worker slot.
@@ -138,8 +148,8 @@ class ImageGenerateOperator(_GenerateBase):
         submitted once more within the same try.
     :param wait_for_completion: ``False`` submits only and returns the remote task id, for an
         ``ImageTaskSensor`` downstream. A submission that ends uncertain (its answer lost or not
-        usable) or not sent (the account refused it) has no id to return: it raises with
-        ``failure_mode="raise"``, else returns ``None``.
+        usable), not sent (the account refused it) or whose input image was not uploaded has no
+        id to return: it raises with ``failure_mode="raise"``, else returns ``None``.
     :return: the result dict, or the remote task id without waiting.
     """
 
@@ -153,6 +163,8 @@ class ImageGenerateOperator(_GenerateBase):
     )
     template_fields_renderers = {"request": "json", "prompt": "md"}
     ui_color = "#f4d9ff"
+    #: One request: a refused input file fails the task at once, naming it (nothing else goes on).
+    raise_invalid_input = True
 
     def __init__(
         self,
@@ -161,7 +173,7 @@ class ImageGenerateOperator(_GenerateBase):
         request: Mapping[str, Any] | None = None,
         enable_translation: bool | None = None,
         upload_cn: bool | None = None,
-        input_image: str | None = None,
+        input_image: str | os.PathLike[str] | ObjectStoragePath | None = None,
         aspect_ratio: str | None = None,
         output_format: str | None = None,
         prompt_upsampling: bool | None = None,
@@ -197,7 +209,11 @@ class ImageGenerateOperator(_GenerateBase):
     def execute(self, context: Context) -> Any:
         if not self.wait_for_completion:
             entry = self.generate(context, submit=False)
-            if entry.slots[0].outcome in (Outcome.SUBMISSION_UNCERTAIN, Outcome.NOT_SENT):
+            if entry.slots[0].outcome in (
+                Outcome.SUBMISSION_UNCERTAIN,
+                Outcome.NOT_SENT,
+                Outcome.UPLOAD_FAILED,
+            ):
                 # No id to hand on to a sensor: report the outcome (raised with failure_mode="raise").
                 self._finish(context, entry)
                 return None
@@ -223,7 +239,9 @@ class ImageBatchGenerateOperator(_GenerateBase):
     A retry reconnects to every stored remote task; a rerun cleared from the UI submits anew only
     the requests that did not succeed (successes are reused, timeouts reconnected to).
 
-    :param requests: the requests, each a mapping of snake_case request fields (templated).
+    :param requests: the requests, each a mapping of snake_case request fields (templated). An
+        ``input_image`` takes the forms ``ImageGenerateOperator`` takes; a refused or failed
+        upload ends only that request ``upload_failed`` (nothing sent for it), the others go on.
     :param group_label: what this group works on, for the UI (e.g. ``"lines 2-51"``); use it as the
         mapped instance's name with ``map_index_template="{{ task.group_label }}"``.
     :param imagecb_conn_id: the ``imagecb`` connection.

@@ -31,6 +31,8 @@ SUMMARY_NAME = "summary.json"
 #: What an image may be called: the archive names files ``<remote task id>[.origin].<ext>``.
 _IMAGE_NAME = re.compile(r"^(?P<task_id>[^.]+)(?:\.origin)?\.(?P<ext>jpg|jpeg|png|webp)$")
 IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+#: A run's copy of an edited image's input (batch/report.py): ``<sha256>.<ext>``.
+_INPUT_NAME = re.compile(r"^[0-9a-f]{64}\.(?P<ext>jpg|jpeg|png|webp)$")
 RUN_FILE_TYPES = {REPORT_NAME: "text/html; charset=utf-8", SUMMARY_NAME: "application/json"}
 #: The largest image served (bytes); an archived image is a few MiB.
 IMAGE_MAX_BYTES = 32 * 1024 * 1024
@@ -98,8 +100,9 @@ class RunFiles:
         Raises :class:`FileRefused` for a path not of this run's sheet, and
         :class:`.roots.LocationRefused` for a report or file outside the archive roots.
 
-        :param relative: the path after ``files/``: ``images/<file>`` or
-            ``runs/<this run's folder>/report.html`` (or ``summary.json``)
+        :param relative: the path after ``files/``: ``images/<file>``,
+            ``runs/<this run's folder>/report.html`` (or ``summary.json``), or an edit's input
+            ``runs/<this run's folder>/inputs/<sha256>.<ext>``
         """
         day = self.day_folder()
         parts = relative.split("/")
@@ -109,6 +112,13 @@ class RunFiles:
             except InvalidRemoteTaskId:
                 raise FileRefused(f"not an archived image's name: {parts[1]!r}") from None
             return self._inside(day, day.child("images", parts[1])), IMAGE_TYPES[match["ext"]]
+        if (
+            len(parts) == 4
+            and parts[:3] == ["runs", self.run_folder, "inputs"]
+            and (match := _INPUT_NAME.match(parts[3]))
+        ):  # the "before" picture of an edit
+            target = day.child("runs", self.run_folder, "inputs", parts[3])
+            return self._inside(day, target), IMAGE_TYPES[match["ext"]]
         if len(parts) == 3 and parts[:2] == ["runs", self.run_folder] and parts[2] in RUN_FILE_TYPES:
             target = day.child("runs", self.run_folder, parts[2])
             return self._inside(day, target), RUN_FILE_TYPES[parts[2]]

@@ -11,26 +11,34 @@ strict form) counts as lost: the request may have been accepted and charged. An 
 says how the generation ended (501, or 408 to a submission) created nothing: the request ends with
 that outcome, without a remote task, and the next try sends it again. A remote task the API no
 longer knows, in any of the forms it says so, is retired from its slot (:func:`_fail_on_error`).
+
+An input image that is a file (a path, an object-store URL) is read, checked and uploaded right
+before its request is sent (:class:`InputImages`), once per content while its link lives; a file
+that is refused or an upload that fails ends that request ``upload_failed`` before anything is
+sent, so no credit is spent, and the next try uploads it again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagecb_provider.exceptions import (
     ImageCbApiError,
+    ImageCbAuthenticationError,
     ImageCbConnectionError,
     ImageCbOutcomeAnswer,
     ImageCbProtocolError,
     ImageCbRateCapped,
     ImageCbRateLimited,
     ImageCbSubmissionUncertain,
+    InputImageUnavailable,
+    InvalidInputImage,
     InvalidRemoteTaskId,
 )
-from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS
+from imagecb_provider.hooks.protocol import RETRYABLE_ERRORS, without_query
 from imagecb_provider.models import (
     GenerationRequest,
     Outcome,
@@ -42,6 +50,7 @@ from imagecb_provider.models import (
     to_iso,
 )
 from imagecb_provider.triggers.task import EVENT_ERROR
+from imagecb_provider.utils.inputs import UploadCache, display_name, is_http_url, read_input_image
 from imagecb_provider.utils.ledger import Action, LedgerEntry, Slot, SubmissionLedger, plan_slots
 from imagecb_provider.utils.limiter import ACCOUNT_REFUSALS, AccountHold, AccountLimiter
 from imagecb_provider.utils.waiting import (
@@ -66,6 +75,7 @@ class GeneratingTask(WaitingTask, Protocol):
     retries: int
     resubmit_outcomes: Sequence[str]
     reuse_successes: bool
+    raise_invalid_input: bool
 
     @property
     def hook(self) -> ImageCbHook: ...
@@ -94,6 +104,11 @@ def is_new_run(context: Context) -> bool:
 
 class GenerationMixin:
     """Submit the task's requests, wait for them, resubmit once on chosen outcomes, settle."""
+
+    #: A refused input image (missing, not an image, too large) raises
+    #: :class:`~imagecb_provider.exceptions.InvalidInputImage`, failing the task at once, when
+    #: true (one request: nothing else goes on); when false it ends its request ``upload_failed``.
+    raise_invalid_input = False
 
     # ------------------------------------------------------------------ the first half
     def generate(self: GeneratingTask, context: Context, *, submit: bool = True) -> Any:
@@ -159,13 +174,20 @@ class GenerationMixin:
         callback_urls = _callback_urls(self, context, settings, indexes)
         limiter = AccountLimiter(self.hook)
         hold = limiter.admit()
+        inputs = InputImages(self, context)
         sent = 0
         for n, i in enumerate(indexes):
             if hold is None:
-                limiter.pace()
                 request = requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
                 try:
+                    # An input image that is a file goes as its upload link; if it cannot, its
+                    # slot is settled upload_failed and nothing is sent.
+                    request = inputs.linked(request, entry.slots[i])
+                    limiter.pace()
                     self._submit_one(request, entry, entry.slots[i], ledger)
+                except InputImageNotUploaded:
+                    ledger.save(entry)
+                    continue
                 except ACCOUNT_REFUSALS as refusal:
                     # Credits ran out, or a cap: stop here instead of meeting it once per request.
                     hold = limiter.refused(refusal)
@@ -184,7 +206,7 @@ class GenerationMixin:
                 hold.describe(),
             )
             return
-        self.log.info("Submitted %d request(s)", len(indexes))
+        self.log.info("Submitted %d of %d request(s)", sent, len(indexes))
 
     def _submit_one(
         self: GeneratingTask,
@@ -309,8 +331,13 @@ class GenerationMixin:
         entry.finished = True
         entry.delivered_try = ti.try_number if ti is not None else None
         ledger.save(entry)
-        payloads = [r.to_payload(include_callback=False) for r in self.generation_requests()]
-        results = [_result(slot, payload) for slot, payload in zip(entry.slots, payloads, strict=True)]
+        requests = self.generation_requests()
+        payloads = [r.to_payload(include_callback=False) for r in requests]
+        described = InputImages(self, context).described(requests, entry.slots)
+        results = [
+            _result(slot, payload, input_image)
+            for slot, payload, input_image in zip(entry.slots, payloads, described, strict=True)
+        ]
         for result in results:
             self.log_outcome(result)
         return self.present(self.deliver(results))
@@ -367,7 +394,7 @@ def _settle_uncertain(slot: Slot, cause: str) -> None:
     )
 
 
-def _result(slot: Slot, payload: dict[str, Any]) -> dict[str, Any]:
+def _result(slot: Slot, payload: dict[str, Any], input_image: dict[str, Any] | None = None) -> dict[str, Any]:
     record = TaskRecord.from_dict(slot.record) if slot.record else None
     result = build_result(
         remote_task_id=slot.remote_task_id,
@@ -377,10 +404,13 @@ def _result(slot: Slot, payload: dict[str, Any]) -> dict[str, Any]:
         submitted_at=slot.submitted_at,
         polls=slot.polls,
         via=slot.via or "poll",
+        input_image=input_image,
     )
     if slot.outcome == Outcome.SUBMISSION_UNCERTAIN:
         result["message"] = slot.message or result["message"]
-    elif record is None and slot.code is not None:  # ended at its submission (501, 408): no record
+    elif (record is None and slot.code is not None) or slot.outcome == Outcome.UPLOAD_FAILED:
+        # Ended at its submission (501, 408), or before it (upload_failed: the upload API's code,
+        # or None for a refused file or the network): no record.
         result["code"], result["message"] = slot.code, slot.message or result["message"]
     result["earlier"] = list(slot.earlier)
     return result
@@ -415,3 +445,162 @@ def _callback_urls(
     # Checked before the first submission: a missing callback_base_url costs no credit.
     expires_in = check_positive("timeout", task.timeout) + VENDOR_RETRY_WINDOW
     return {i: callback_url_for_context(settings, context, slot=i, expires_in=expires_in) for i in indexes}
+
+
+# --------------------------------------------------------------------------- input images
+#: ``task_state_store`` key of what each request's input image was: ``{"version": 1, "requests":
+#: {"<request fingerprint>": {"source", "sha256", "bytes", "uploaded"}}}``, for the results.
+INPUTS_STATE_KEY = "imagecb_input_images"
+INPUTS_VERSION = 1
+
+
+class InputImageNotUploaded(Exception):
+    """A request's input image was refused or not uploaded; its slot is settled ``upload_failed``."""
+
+
+class InputImages:
+    """
+    The input images of one task's requests: uploaded right before their requests are sent, then described.
+
+    An ``http(s)`` link is sent as it is. A file is read and checked
+    (:func:`~imagecb_provider.utils.inputs.read_input_image`), then uploaded once per content
+    while its link is fresh (:class:`~imagecb_provider.utils.inputs.UploadCache`, kept in
+    ``task_state_store`` across retries, resubmissions and cleared reruns), and its request is
+    sent with the link. What was read is kept per request fingerprint (:data:`INPUTS_STATE_KEY`;
+    on the operator itself where the store is absent), so the results can say it after the wait.
+
+    :param task: the generate operator.
+    :param context: the task's context.
+    """
+
+    def __init__(self, task: GeneratingTask, context: Context) -> None:
+        self.task = task
+        self._context = context
+        self._store = context.get("task_state_store")
+        self._cache: UploadCache | None = None
+
+    def linked(self, request: GenerationRequest, slot: Slot) -> GenerationRequest:
+        """
+        Return ``request`` as it is sent: an input file replaced by its upload link.
+
+        :param request: the request about to be sent.
+        :param slot: its ledger slot (settled ``upload_failed`` when its input cannot be uploaded).
+        :raises InputImageNotUploaded: the file was refused or not uploaded; nothing was sent.
+        :raises InvalidInputImage: a refused file, when the task has ``raise_invalid_input``.
+        """
+        source = request.input_image
+        if source is None or is_http_url(source):
+            return request
+        shown = display_name(source)
+        try:
+            image = read_input_image(source)
+        except InvalidInputImage as error:
+            self._forget(slot.key)
+            if self.task.raise_invalid_input:
+                raise
+            raise self._fail(slot, f"{error}. Nothing was uploaded or sent", None) from None
+        except InputImageUnavailable as error:
+            self._forget(slot.key)
+            raise self._fail(slot, str(error), None) from None
+        described = {"source": shown, "sha256": image.sha256, "bytes": image.size, "uploaded": False}
+        if self._cache is None:
+            self._cache = UploadCache(self._context)
+        try:
+            link = self._cache.link_for(image, self.task.hook)
+        except ImageCbAuthenticationError:
+            raise  # the key was refused: every request would meet it, the task fails at once
+        except (ImageCbApiError, ImageCbConnectionError, ImageCbProtocolError) as error:
+            self._remember(slot.key, described)
+            code = error.code if isinstance(error, ImageCbApiError) else None
+            what = without_query(str(error)).rstrip(". ")
+            message = f"The input image {shown} could not be uploaded ({what}); nothing was sent"
+            raise self._fail(slot, message, code) from None
+        self._remember(slot.key, {**described, "uploaded": True})
+        self.task.log.info(
+            "Input image %s (%d bytes, sha256 %s) goes as its uploaded copy",
+            shown,
+            image.size,
+            image.sha256[:12],
+        )
+        return request.with_input_link(link)
+
+    def described(
+        self, requests: Sequence[GenerationRequest], slots: Sequence[Slot]
+    ) -> list[dict[str, Any] | None]:
+        """
+        The ``input_image`` of each result (see :func:`input_image_result`), in request order.
+
+        :param requests: the task's requests.
+        :param slots: their ledger slots, in the same order.
+        """
+        files = any(r.input_image is not None and not is_http_url(r.input_image) for r in requests)
+        known = self._load() if files else {}
+        return [
+            input_image_result(request.input_image, known.get(slot.key), sent=slot.remote_task_id is not None)
+            for request, slot in zip(requests, slots, strict=True)
+        ]
+
+    def _fail(self, slot: Slot, message: str, code: int | None) -> InputImageNotUploaded:
+        """Settle ``slot`` ``upload_failed`` with ``message``; return the error that stops its submission."""
+        _settle_upload_failed(slot, message, code)
+        self.task.log.warning("Not sent: %s", message)
+        return InputImageNotUploaded(message)
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        local = self.task.__dict__.get("_imagecb_input_images") or {}
+        value = self._store.get(INPUTS_STATE_KEY) if self._store is not None else None
+        if not isinstance(value, Mapping) or value.get("version") != INPUTS_VERSION:
+            return dict(local)
+        stored = value.get("requests")
+        return {**local, **(dict(stored) if isinstance(stored, Mapping) else {})}
+
+    def _save(self, known: dict[str, dict[str, Any]]) -> None:
+        self.task.__dict__["_imagecb_input_images"] = known  # where there is no store, for this process
+        if self._store is not None:
+            self._store.set(INPUTS_STATE_KEY, {"version": INPUTS_VERSION, "requests": known})
+
+    def _remember(self, key: str, described: dict[str, Any]) -> None:
+        known = self._load()
+        if known.get(key) != described:
+            self._save({**known, key: described})
+
+    def _forget(self, key: str) -> None:
+        known = self._load()
+        if key in known:
+            self._save({k: v for k, v in known.items() if k != key})
+
+
+def input_image_result(
+    source: str | None, known: Mapping[str, Any] | None, *, sent: bool
+) -> dict[str, Any] | None:
+    """
+    A result's ``input_image``: what was read of an input file and whether it was uploaded.
+
+    ``{"source": <the path or URL, no credentials or query>, "sha256": <hex>, "bytes": <size>,
+    "uploaded": true}`` when the file went through the upload API (in this try or an earlier
+    one); ``"uploaded": false`` when it was read but its upload failed (``upload_failed``).
+    ``None`` for an ``http(s)`` link (sent as it is, never read), no input image, or a file that
+    was refused before it was read. A request sent by a try whose record is lost (no
+    ``task_state_store`` across a deferral) gives ``sha256`` and ``bytes`` as ``None``.
+
+    :param source: the request's ``input_image``.
+    :param known: what :class:`InputImages` kept for the request, if anything.
+    :param sent: whether the request has a remote task (so its input was uploaded).
+    """
+    if source is None or is_http_url(source):
+        return None
+    if isinstance(known, Mapping) and isinstance(known.get("sha256"), str):
+        return {
+            "source": str(known.get("source") or display_name(source)),
+            "sha256": known["sha256"],
+            "bytes": known.get("bytes"),
+            "uploaded": bool(known.get("uploaded")),
+        }
+    if sent:
+        return {"source": display_name(source), "sha256": None, "bytes": None, "uploaded": True}
+    return None
+
+
+def _settle_upload_failed(slot: Slot, message: str, code: int | None) -> None:
+    """Settle a slot whose input image was refused or not uploaded: nothing sent, the next try uploads."""
+    slot.outcome, slot.code, slot.sending, slot.message = Outcome.UPLOAD_FAILED.value, code, False, message

@@ -35,8 +35,11 @@ FAILURE_MODES = ("raise", "return")
 #: How long past its own deadline the trigger may run before Airflow's deferral timeout fires:
 #: the trigger's timeout event is the normal path (it is retryable); Airflow's is the backstop.
 DEFERRAL_GRACE = 120.0
-#: Outcomes whose error a retry may fix; the others fail the task at once.
-RETRYABLE_OUTCOMES = frozenset({Outcome.INTERNAL_ERROR, Outcome.GENERATION_FAILED, Outcome.TIMEOUT})
+#: Outcomes whose error a retry may fix; the others fail the task at once. An upload that failed
+#: is one: the retry uploads again (free) and nothing was charged.
+RETRYABLE_OUTCOMES = frozenset(
+    {Outcome.INTERNAL_ERROR, Outcome.GENERATION_FAILED, Outcome.TIMEOUT, Outcome.UPLOAD_FAILED}
+)
 
 
 class WaitingTask(Protocol):
@@ -198,7 +201,7 @@ class ImageTaskWaitMixin:
         Return the results, or with ``failure_mode="raise"`` raise the error of the failures.
 
         When several requests failed, a retryable outcome (internal error, generation failed,
-        timeout) wins, so that Airflow retries; content-policy rejections and uncertain
+        timeout, upload failed) wins, so that Airflow retries; content-policy rejections and uncertain
         submissions alone fail the task at once.
         """
         failed = [r for r in results if r["outcome"] != Outcome.SUCCESS]
