@@ -128,9 +128,10 @@ def _shown(source: str) -> str:
             description="CSV (prompt column) or JSONL of prompts; not read when input_images is set",
         ),
         # [START howto_batch_edit_params]
+        # Optional: the UI's trigger form refuses an empty plain "string" (it sends null).
         "input_images": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             description="Batch editing: a folder (absolute path) or an s3://, gs://... prefix "
             "(s3://conn_id@bucket/prefix/ for a connection) of images to edit, each with the "
             "instruction; empty: run the prompt file",
@@ -143,8 +144,8 @@ def _shown(source: str) -> str:
             "*/*.png takes subfolders",
         ),
         "instruction": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             description="Batch editing: how to edit every image of input_images, e.g. put the "
             "product on a pure white background",
         ),

@@ -37,7 +37,9 @@ DEMO_PROMPTS = str(Path(__file__).resolve().parents[1] / "include" / "prompts" /
     default_args={"owner": "imagecb", "retries": 2, "retry_delay": timedelta(seconds=30)},
     params={
         "prompts_path": Param(DEMO_PROMPTS, type="string", description="CSV or JSONL of prompts"),
-        "style": Param("", type="string", description="Appended to every prompt, e.g. ', watercolor'"),
+        "style": Param(
+            None, type=["null", "string"], description="Appended to every prompt, e.g. ', watercolor'"
+        ),
         "aspect_ratio": Param("1:1", enum=["21:9", "16:9", "4:3", "1:1", "3:4", "9:16"]),
         "poll_interval": Param(30, type="number", minimum=0.1, description="Seconds between status calls"),
     },
@@ -63,7 +65,11 @@ def imagecb_taskflow():
     )
     def image(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         """The request for one row: its fields, the default aspect ratio, the style."""
-        return {"aspect_ratio": params["aspect_ratio"], **row, "prompt": row["prompt"] + params["style"]}
+        return {
+            "aspect_ratio": params["aspect_ratio"],
+            **row,
+            "prompt": row["prompt"] + (params["style"] or ""),
+        }
 
     @task
     def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
