@@ -199,6 +199,31 @@ FILESYSTEM_PACKAGES = {
 }
 
 
+class NoFilesystem(Exception):
+    """No fsspec filesystem is installed for a path's scheme; ``package`` is what to install."""
+
+    def __init__(self, scheme: str, cause: BaseException) -> None:
+        self.scheme = scheme
+        self.package = FILESYSTEM_PACKAGES.get(scheme, f"the fsspec filesystem of {scheme}://")
+        self.detail = f"no filesystem for {scheme}:// is installed ({cause})"
+        super().__init__(self.detail)
+
+
+def with_filesystem(make: Callable[[], ObjectStoragePath], scheme: str) -> ObjectStoragePath:
+    """
+    Return the path ``make`` builds, its filesystem instantiated; raise :class:`NoFilesystem` if missing.
+
+    :param make: builds the path (building it may already fail for an unknown scheme).
+    :param scheme: the scheme named in the error.
+    """
+    try:
+        path = make()
+        path.fs  # noqa: B018 - instantiating the filesystem is what fails when its package is missing
+    except (ImportError, ValueError) as error:
+        raise NoFilesystem(scheme, error) from None
+    return path
+
+
 def check_archive_destination(url: str, conn_id: str | None = None) -> ObjectStoragePath:
     """
     Check that files can be written under ``url`` before anything is generated; return its path.
@@ -214,14 +239,11 @@ def check_archive_destination(url: str, conn_id: str | None = None) -> ObjectSto
     """
     scheme = url.partition("://")[0].lower() if "://" in url else "file"
     try:
-        path = storage_path(url, conn_id)
-        path.fs  # noqa: B018 - instantiating the filesystem is what fails when its package is missing
-    except (ImportError, ValueError) as error:
-        package = FILESYSTEM_PACKAGES.get(scheme, f"the fsspec filesystem of {scheme}://")
+        path = with_filesystem(lambda: storage_path(url, conn_id), scheme)
+    except NoFilesystem as missing:
         raise ImageCbConfigurationError(
-            f"The archive destination {url} cannot be used: no filesystem for {scheme}:// is installed "
-            f"({error}). Install {package} on every worker, or choose a local folder (DAG param "
-            "archive_root). Nothing was generated"
+            f"The archive destination {url} cannot be used: {missing.detail}. Install {missing.package} "
+            "on every worker, or choose a local folder (DAG param archive_root). Nothing was generated"
         ) from None
     local = path.protocol in LOCAL_PROTOCOLS
     probe = path / f".imagecb-write-check-{uuid.uuid4().hex}"

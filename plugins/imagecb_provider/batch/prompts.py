@@ -339,7 +339,7 @@ def _checked_instruction(instruction: Any) -> str:
 
 def _folder_path(folder: str, conn_id: str | None) -> tuple[ObjectStoragePath, str]:
     """The folder as an ``ObjectStoragePath`` and its display name, or a configuration error."""
-    from imagecb_provider.batch.archive import FILESYSTEM_PACKAGES, storage_path
+    from imagecb_provider.batch.archive import NoFilesystem, storage_path, with_filesystem
 
     text = (folder or "").strip()
     shown = display_name(text)
@@ -361,13 +361,11 @@ def _folder_path(folder: str, conn_id: str | None) -> tuple[ObjectStoragePath, s
             "prefix, or list the links in a prompt file's input_image column. Nothing was sent"
         )
     try:
-        path = storage_path(text, conn_id)
-        path.fs  # noqa: B018 - instantiating the filesystem is what fails when its package is missing
-    except (ImportError, ValueError) as error:
-        package = FILESYSTEM_PACKAGES.get(scheme, f"the fsspec filesystem of {scheme}://")
+        path = with_filesystem(lambda: storage_path(text, conn_id), scheme)
+    except NoFilesystem as missing:
         raise ImageCbConfigurationError(
-            f"input_images={shown!r} cannot be read: no filesystem for {scheme}:// is installed ({error}). "
-            f"Install {package} on every worker. Nothing was sent"
+            f"input_images={shown!r} cannot be read: {missing.detail}. Install {missing.package} on every "
+            "worker. Nothing was sent"
         ) from None
     return path, shown
 

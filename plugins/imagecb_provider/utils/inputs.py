@@ -193,19 +193,17 @@ def _path(source: Any, shown: str, conn_id: str | None) -> Path | ObjectStorageP
         scheme = str(source.protocol)
     from airflow.sdk import ObjectStoragePath
 
-    try:
-        path = source if not isinstance(source, str) else ObjectStoragePath(source.strip(), conn_id=conn_id)
-        path.fs  # noqa: B018 - instantiating the filesystem is what fails when its package is missing
-    except (ImportError, ValueError) as error:
-        from imagecb_provider.batch.archive import FILESYSTEM_PACKAGES
+    from imagecb_provider.batch.archive import NoFilesystem, with_filesystem
 
-        package = FILESYSTEM_PACKAGES.get(scheme, f"the fsspec filesystem of {scheme}://")
-        raise InvalidInputImage(
-            shown,
-            f"no filesystem for {scheme}:// is installed ({error})",
-            f"install {package} on every worker",
-        ) from None
-    return path
+    try:
+        return with_filesystem(
+            lambda: (
+                source if not isinstance(source, str) else ObjectStoragePath(source.strip(), conn_id=conn_id)
+            ),
+            scheme,
+        )
+    except NoFilesystem as missing:
+        raise InvalidInputImage(shown, missing.detail, f"install {missing.package} on every worker") from None
 
 
 def _read(path: Path | ObjectStoragePath, shown: str, max_bytes: int) -> bytes:
