@@ -41,8 +41,13 @@ def bench_stack(
     parallelism: int = 16,
     sim_fields: dict[str, Any] | None = None,
     executor: str = "LocalExecutor",
+    slots: int = 1,
 ) -> Iterator[tuple[AirflowStack, Any]]:
-    """A simulator (``latency`` s renders, the account limit) and a stack whose connection uses it."""
+    """
+    A simulator (``latency`` s renders, the account limit) and a stack whose connection uses it.
+
+    :param slots: the submission pool's slots, and the connection's ``submission_slots``.
+    """
     fields = {
         "latency": latency,
         "credits": 1e12,
@@ -51,7 +56,8 @@ def bench_stack(
         **(sim_fields or {}),
     }
     with run_in_subprocess(**fields) as sim:
-        conn = {**json.loads(sim.connection_json()), "extra": {"submissions_per_10s": per_10s}}
+        extra = {"submissions_per_10s": per_10s, "submission_slots": slots}
+        conn = {**json.loads(sim.connection_json()), "extra": extra}
         started = time.monotonic()
         with AirflowStack(
             executor=executor,
@@ -60,6 +66,7 @@ def bench_stack(
             dag_ids=[DAG_ID],
         ) as stack:
             print(f"stack up in {time.monotonic() - started:.1f} s at {stack.url}", flush=True)
+            stack.client.set_pool("imagecb_submissions", slots=slots)
             yield stack, sim
 
 
@@ -94,6 +101,7 @@ def measure_batch(
         **conf,
     }
     sim.reset()
+    sim.configure(latency=latency)
     slots = stack.sample_slots(interval=1.0)
     triggerer = stack.sample("triggerer", interval=1.0)
     started = time.monotonic()

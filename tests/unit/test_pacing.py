@@ -1,10 +1,14 @@
-"""SubmissionPacer: no window of 10 s ever holds more than the limit."""
+"""SubmissionPacer: no window of 10 s ever holds more than the limit, from one thread or many."""
 
 from __future__ import annotations
 
+import itertools
+import threading
+import time
+
 import pytest
 
-from imagecb_provider.utils.pacing import SubmissionPacer
+from imagecb_provider.utils.pacing import SubmissionPacer, in_flight
 
 
 class FakeClock:
@@ -48,3 +52,35 @@ def test_the_first_submission_goes_at_once_and_slow_callers_are_not_delayed():
 def test_a_limit_must_be_positive():
     with pytest.raises(ValueError, match="per_10s"):
         SubmissionPacer(0)
+
+
+def test_threads_sharing_a_pacer_never_send_closer_than_its_interval():
+    pacer = SubmissionPacer(2000)  # 5.25 ms apart, real time
+    sent: list[float] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        for _ in range(15):
+            pacer.wait()
+            with lock:
+                sent.append(time.monotonic())
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sent.sort()
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert len(sent) == 60
+    # Each call reserves its own moment: sleeping threads wake at or after it (a little jitter).
+    assert min(gaps) >= pacer.interval * 0.5
+    assert sent[-1] - sent[0] >= 59 * pacer.interval * 0.98
+
+
+@pytest.mark.parametrize(
+    ("per_10s", "cap", "expected"),
+    [(20, 16, 1), (40, 16, 1), (200, 16, 4), (2000, 16, 16), (2000, 4, 4), (10_000, 1, 1)],
+)
+def test_requests_overlap_only_when_the_rate_lets_several_go_out_in_a_quarter_second(per_10s, cap, expected):
+    assert in_flight(SubmissionPacer(per_10s).interval, cap) == expected

@@ -97,6 +97,8 @@ class ImageCbConnectionSettings:
     webhook_hmac_key: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
     submissions_per_10s: float = DEFAULT_SUBMISSIONS_PER_10S
+    #: The slots of the pool the submitting tasks run in; each task paces at its share of the limit.
+    submission_slots: int = 1
     file_hosts: tuple[FileHost, ...] = ()
     upload_base_url: str | None = None
 
@@ -123,6 +125,10 @@ class ImageCbConnectionSettings:
                 f"Connection {conn.conn_id!r} has an invalid upload_base_url extra: {error}; give a URL "
                 'such as "https://kieai.redpandaai.co", or leave it out for the default'
             ) from None
+        per_10s = _positive(
+            conn.conn_id, "submissions_per_10s", extra.get("submissions_per_10s"), DEFAULT_SUBMISSIONS_PER_10S
+        )
+        slots = _submission_slots(conn.conn_id, extra.get("submission_slots"), per_10s)
         mask_secret(api_key)
         if hmac_key:
             mask_secret(hmac_key)
@@ -133,15 +139,16 @@ class ImageCbConnectionSettings:
             callback_base_url=(extra.get("callback_base_url") or "").rstrip("/") or None,
             webhook_hmac_key=hmac_key,
             timeout=_positive(conn.conn_id, "timeout", extra.get("timeout"), DEFAULT_TIMEOUT),
-            submissions_per_10s=_positive(
-                conn.conn_id,
-                "submissions_per_10s",
-                extra.get("submissions_per_10s"),
-                DEFAULT_SUBMISSIONS_PER_10S,
-            ),
+            submissions_per_10s=per_10s,
+            submission_slots=slots,
             file_hosts=file_hosts,
             upload_base_url=upload_base,
         )
+
+    @property
+    def share_per_10s(self) -> float:
+        """One submitting task's share of the account's limit (see :mod:`~imagecb_provider.utils.pacing`)."""
+        return self.submissions_per_10s / self.submission_slots
 
     def download_hosts(self) -> tuple[FileHost, ...]:
         """Every host this connection downloads files from (see the class docstring)."""
@@ -206,6 +213,30 @@ def _positive(conn_id: str, name: str, value: Any, default: float) -> float:
     return number
 
 
+#: Each pool slot keeps at least this many submissions per 10 s (one a second), so a task's start
+#: (over a second) separates its slot's last submission from the next task's first.
+MIN_SHARE_PER_10S = 10.0
+
+
+def _submission_slots(conn_id: str, value: Any, per_10s: float) -> int:
+    if value in (None, ""):
+        return 1
+    most = max(1, int(per_10s // MIN_SHARE_PER_10S))
+    fix = (
+        "give the number of slots of the pool imagecb_submissions (an integer from 1 to "
+        f"{most} at submissions_per_10s={per_10s:g}), or leave it out for 1"
+    )
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        raise ImageCbConfigurationError(f"Connection {conn_id!r} has extra submission_slots={value!r}: {fix}")
+    slots = int(value)
+    if slots < 1 or (slots > 1 and per_10s / slots < MIN_SHARE_PER_10S):
+        raise ImageCbConfigurationError(
+            f"Connection {conn_id!r} has extra submission_slots={value!r}: each slot must keep at least "
+            f"{MIN_SHARE_PER_10S:g} submissions per 10 s of the account's {per_10s:g}; {fix}"
+        )
+    return slots
+
+
 def _never_reached_server(error: requests.RequestException) -> bool:
     """Whether ``requests`` failed before the request left this machine (then a resend is safe)."""
     if isinstance(error, requests.exceptions.ConnectTimeout):
@@ -225,7 +256,8 @@ class ImageCbHook(BaseHook):
 
     :param imagecb_conn_id: the ``imagecb`` connection: host = base URL (empty means
         ``https://api.kie.ai``), password = API key, extras ``timeout`` (seconds per request),
-        ``submissions_per_10s`` (the account's rate limit), ``callback_base_url`` and
+        ``submissions_per_10s`` (the account's rate limit), ``submission_slots`` (the slots of
+        the pool ``imagecb_submissions``: each submitting task paces at its share), ``callback_base_url`` and
         ``webhook_hmac_key`` (callback mode), ``file_hosts`` (where files may be downloaded
         from besides the API host and the vendor's file hosts) and ``upload_base_url`` (where
         :meth:`upload_file` sends files): see :class:`ImageCbConnectionSettings`.

@@ -23,6 +23,7 @@ from imagecb_provider.hooks.imagecb import DEFAULT_CONN_ID, ImageCbHook
 from imagecb_provider.links import GeneratedImageLink
 from imagecb_provider.models import GenerationRequest, Outcome
 from imagecb_provider.utils.generation import GenerationMixin
+from imagecb_provider.utils.pacing import DEFAULT_MAX_IN_FLIGHT
 from imagecb_provider.utils.waiting import (
     ImageTaskWaitMixin,
     check_bool,
@@ -233,8 +234,9 @@ class ImageBatchGenerateOperator(_GenerateBase):
     ``submissions_per_10s``), records each in ``task_state_store``, and defers once to one
     trigger that waits for all of them. Each result is exactly what ``ImageGenerateOperator``
     returns, plus ``earlier`` (the remote tasks replaced by a resubmission). Put every task that
-    submits in one pool of a single slot (``imagecb_submissions``), so the account's limit holds
-    across tasks; a deferred task does not hold its pool slot.
+    submits in the pool ``imagecb_submissions``, whose slots the connection extra
+    ``submission_slots`` gives (each task paces at its share), so the account's limit holds across
+    tasks; a deferred task does not hold its pool slot.
 
     A retry reconnects to every stored remote task; a rerun cleared from the UI submits anew only
     the requests that did not succeed (successes are reused, timeouts reconnected to).
@@ -256,6 +258,9 @@ class ImageBatchGenerateOperator(_GenerateBase):
         every result, for routing downstream.
     :param resubmit_outcomes: outcomes after which a request is submitted once more within the
         same try (the batch DAG uses ``internal_error`` and ``generation_failed``).
+    :param max_in_flight: the most submissions waiting for their answers at once (default 16),
+        when the account's rate lets several go out within 0.25 s; at the documented 20 per 10 s
+        one is. A crash of the task can leave at most this many ``submission_uncertain``.
     :return: the list of result dicts, in request order.
     """
 
@@ -277,11 +282,15 @@ class ImageBatchGenerateOperator(_GenerateBase):
         *,
         requests: Sequence[Mapping[str, Any]] | str,
         group_label: str | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.requests = requests
         self.group_label = group_label
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError(f"max_in_flight={max_in_flight!r}: must be a positive integer")
+        self.max_in_flight = max_in_flight
         if not _is_templated(requests):
             self.generation_requests()
 

@@ -20,8 +20,10 @@ sent, so no credit is spent, and the next try uploads it again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,8 +53,16 @@ from imagecb_provider.models import (
 )
 from imagecb_provider.triggers.task import EVENT_ERROR
 from imagecb_provider.utils.inputs import UploadCache, display_name, is_http_url, read_input_image
-from imagecb_provider.utils.ledger import Action, LedgerEntry, Slot, SubmissionLedger, plan_slots
+from imagecb_provider.utils.ledger import (
+    Action,
+    LedgerEntry,
+    LedgerWriter,
+    Slot,
+    SubmissionLedger,
+    plan_slots,
+)
 from imagecb_provider.utils.limiter import ACCOUNT_REFUSALS, AccountHold, AccountLimiter
+from imagecb_provider.utils.pacing import DEFAULT_MAX_IN_FLIGHT, in_flight
 from imagecb_provider.utils.waiting import (
     WaitingTask,
     check_bool,
@@ -76,6 +86,7 @@ class GeneratingTask(WaitingTask, Protocol):
     resubmit_outcomes: Sequence[str]
     reuse_successes: bool
     raise_invalid_input: bool
+    max_in_flight: int
 
     @property
     def hook(self) -> ImageCbHook: ...
@@ -109,6 +120,10 @@ class GenerationMixin:
     #: :class:`~imagecb_provider.exceptions.InvalidInputImage`, failing the task at once, when
     #: true (one request: nothing else goes on); when false it ends its request ``upload_failed``.
     raise_invalid_input = False
+    #: The most submissions of the task waiting for their answers at once (when the account's
+    #: rate allows more than one in :data:`~imagecb_provider.utils.pacing.IN_FLIGHT_WINDOW`):
+    #: also the most a crash can leave ``submission_uncertain``.
+    max_in_flight = DEFAULT_MAX_IN_FLIGHT
 
     # ------------------------------------------------------------------ the first half
     def generate(self: GeneratingTask, context: Context, *, submit: bool = True) -> Any:
@@ -167,53 +182,77 @@ class GenerationMixin:
         indexes: list[int],
         ledger: SubmissionLedger,
     ) -> None:
-        """Send ``requests[i]`` for each index, paced, recording each before and after it goes out."""
+        """
+        Send ``requests[i]`` for each index, paced, recording each before and after it goes out.
+
+        Up to :func:`~imagecb_provider.utils.pacing.in_flight` requests wait for their answers at
+        once, each in its own thread, their ledger writes grouped (:class:`LedgerWriter`).
+        """
         if not indexes:
             return
         settings = self.hook.settings
         callback_urls = _callback_urls(self, context, settings, indexes)
         limiter = AccountLimiter(self.hook)
-        hold = limiter.admit()
+        writer = LedgerWriter(ledger, entry)
+        window = _Window(self, limiter, writer, in_flight(limiter.pacer.interval, self.max_in_flight))
+        window.hold = limiter.admit()
         inputs = InputImages(self, context)
-        sent = 0
-        for n, i in enumerate(indexes):
-            if hold is None:
-                request = requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
-                try:
-                    # An input image that is a file goes as its upload link; if it cannot, its
-                    # slot is settled upload_failed and nothing is sent.
-                    request = inputs.linked(request, entry.slots[i])
-                    limiter.pace()
-                    self._submit_one(request, entry, entry.slots[i], ledger)
-                except InputImageNotUploaded:
-                    ledger.save(entry)
-                    continue
-                except ACCOUNT_REFUSALS as refusal:
-                    # Credits ran out, or a cap: stop here instead of meeting it once per request.
-                    hold = limiter.refused(refusal)
-                else:
-                    sent += 1
-                    limiter.sent()
-                    continue
-            for j in indexes[n:]:
-                _settle_not_sent(entry.slots[j], hold)
-            ledger.save(entry)
+        waiting = list(indexes)
+        with ThreadPoolExecutor(max_workers=window.size, thread_name_prefix="imagecb-submit") as pool:
+            try:
+                while True:
+                    while (
+                        waiting
+                        and window.hold is None
+                        and window.error is None
+                        and window.active < window.size
+                    ):
+                        i = waiting.pop(0)
+                        request = (
+                            requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
+                        )
+                        try:
+                            # An input image that is a file goes as its upload link; if it cannot,
+                            # its slot is settled upload_failed and nothing is sent.
+                            request = inputs.linked(request, entry.slots[i])
+                        except InputImageNotUploaded:
+                            writer.commit()
+                            continue
+                        window.active += 1
+                        pool.submit(window.send, request, entry.slots[i])
+                    if not window.active:
+                        break
+                    writer.serve()  # the threads' marks and answers, written together
+            finally:
+                window.stopping = True  # a thread not yet sent sends nothing now
+                while window.active:  # the threads' last marks and answers are still stored
+                    with contextlib.suppress(Exception):  # what raised first is what the task raises
+                        writer.serve()
+        if window.error is not None:
+            raise window.error
+        hold = window.hold
+        if hold is not None:
+            # Credits ran out, or a cap: stop here instead of meeting it once per request.
+            writer.commit(lambda: [_settle_not_sent(entry.slots[j], hold) for j in waiting])
             self.log.warning(
                 "Submitted %d of %d request(s); %d not sent: %s",
-                sent,
+                window.sent,
                 len(indexes),
-                len(indexes) - n,
+                len(indexes) - window.sent,
                 hold.describe(),
             )
             return
-        self.log.info("Submitted %d of %d request(s)", sent, len(indexes))
+        writer.commit()
+        self.log.info(
+            "Submitted %d of %d request(s) (up to %d in flight, %d ledger writes)",
+            window.sent,
+            len(indexes),
+            window.size,
+            writer.writes,
+        )
 
     def _submit_one(
-        self: GeneratingTask,
-        request: GenerationRequest,
-        entry: LedgerEntry,
-        slot: Slot,
-        ledger: SubmissionLedger,
+        self: GeneratingTask, request: GenerationRequest, slot: Slot, writer: LedgerWriter
     ) -> None:
         """
         Send one request, its ``sending`` mark stored only while it is really in flight.
@@ -223,23 +262,28 @@ class GenerationMixin:
         request lets its retry send it, and only a request whose answer was lost stays uncertain.
         The answer, the remote task id, is stored at once; an answer that cannot be used (not
         the API's envelope, or a task id not of the strict form) settles the slot as uncertain.
+        Every change to the slot goes through ``writer``: other threads store the entry meanwhile.
         """
 
-        def attempt() -> str:
+        def mark() -> None:
             slot.sending, slot.sending_since = True, to_iso(datetime.now(UTC))
-            ledger.save(entry)  # the mark is stored before the request leaves
+
+        def clear() -> None:
+            slot.sending = False
+
+        def attempt() -> str:
+            writer.commit(mark)  # the mark is stored before the request leaves
             try:
                 # Checked here too, whatever the hook checks: this id becomes a URL part and a file name.
                 return remote_task_id(self.hook.submit(request, retry=False), "the submit answer")
             except (ImageCbApiError, ImageCbConnectionError):
                 # Refused with an error answer, or never sent: nothing was created. Anything
                 # else (the task killed mid-request) leaves the mark: uncertain.
-                slot.sending = False
-                ledger.save(entry)
+                writer.commit(clear)
                 raise
 
         try:
-            slot.remote_task_id = self.hook.retry_policy.retrying(RETRYABLE_ERRORS)(attempt)
+            answer = self.hook.retry_policy.retrying(RETRYABLE_ERRORS)(attempt)
         except ImageCbRateLimited as error:
             # Refused through every attempt (over 30 s, three windows of the documented limit):
             # not a burst but a cap. Nothing was created: the slot is left unsent.
@@ -247,23 +291,27 @@ class GenerationMixin:
                 error.code, error.msg, error.endpoint, retry_after=error.retry_after
             ) from error
         except ImageCbSubmissionUncertain as error:
-            _settle_uncertain(slot, f"Sent, but no answer came back ({type(error.__cause__).__name__})")
+            cause = f"Sent, but no answer came back ({type(error.__cause__).__name__})"
+            # The stored mark already makes it uncertain: the next write stores the reason.
+            writer.commit(lambda: _settle_uncertain(slot, cause), durable=False)
             return
         except ImageCbProtocolError as error:
             # The API took the request (an answer came) but its task id cannot be trusted or is
             # missing: it may be charged, so it is settled uncertain now, never resent by a retry.
-            _settle_uncertain(slot, f"Sent, but its answer could not be used ({str(error).rstrip('.')})")
-            ledger.save(entry)
+            cause = f"Sent, but its answer could not be used ({str(error).rstrip('.')})"
+            writer.commit(lambda: _settle_uncertain(slot, cause))
             return
         except ImageCbOutcomeAnswer as error:
             # Answered 501 (or 408): no taskId, nothing created, and the hook did not resend it.
             # The request ends with that outcome now; the next try sends it again.
-            _settle_answered(slot, error)
-            ledger.save(entry)
+            writer.commit(lambda answer=error: _settle_answered(slot, answer))
             return
-        slot.sending = False
-        slot.submitted_at = to_iso(datetime.now(UTC))
-        ledger.save(entry)
+
+        def answered() -> None:
+            slot.remote_task_id, slot.sending = answer, False
+            slot.submitted_at = to_iso(datetime.now(UTC))
+
+        writer.commit(answered)
 
     def _wait(self: GeneratingTask, context: Context, entry: LedgerEntry, poll_now: set[int]) -> Any:
         waiting = [i for i, s in enumerate(entry.slots) if s.remote_task_id and s.outcome is None]
@@ -445,6 +493,63 @@ def _callback_urls(
     # Checked before the first submission: a missing callback_base_url costs no credit.
     expires_in = check_positive("timeout", task.timeout) + VENDOR_RETRY_WINDOW
     return {i: callback_url_for_context(settings, context, slot=i, expires_in=expires_in) for i in indexes}
+
+
+class _Window:
+    """
+    The requests of one task in flight at once, each sent from a thread of its own.
+
+    The threads only pace and talk to the API; every change to the ledger, and every call to
+    Airflow (the account hold is a Variable), is handed to the task's own thread through the
+    writer, which serves them while it waits.
+
+    :param task: the generate operator.
+    :param limiter: the account's limiter (pace, hold).
+    :param writer: the ledger's writer.
+    :param size: how many requests may wait for their answers at once.
+    """
+
+    def __init__(
+        self, task: GeneratingTask, limiter: AccountLimiter, writer: LedgerWriter, size: int
+    ) -> None:
+        self.task, self.limiter, self.writer, self.size = task, limiter, writer, size
+        self.active = 0  # threads not finished (changed by the task's thread only)
+        self.hold: AccountHold | None = None
+        self.error: BaseException | None = None  # what stopped a thread unexpectedly: raised by the task
+        self.stopping = False
+        self.sent = 0
+
+    def send(self, request: GenerationRequest, slot: Slot) -> None:
+        """Pace, then send one request (a thread's job); a hold met meanwhile leaves it ``not_sent``."""
+        try:
+            self.limiter.pace()
+            if self.hold is not None:
+                self.writer.commit(lambda: _settle_not_sent(slot, self.hold))
+            elif not self.stopping and self.error is None:
+                self.task._submit_one(request, slot, self.writer)
+                self.writer.commit(self._sent, durable=False)
+        except ACCOUNT_REFUSALS as refusal:
+            self.writer.commit(lambda refused=refusal: self._refused(refused, slot))
+        except BaseException as error:  # bound now: the change runs after this block
+            self.writer.commit(lambda failed=error: self._failed(failed), durable=False)
+        finally:
+            self.writer.commit(self._finished, durable=False)
+
+    # What follows runs in the task's thread, served by the writer.
+    def _sent(self) -> None:
+        self.sent += 1
+        self.limiter.sent()
+
+    def _refused(self, refusal: Exception, slot: Slot) -> None:
+        if self.hold is None:
+            self.hold = self.limiter.refused(refusal)
+        _settle_not_sent(slot, self.hold)
+
+    def _failed(self, error: BaseException) -> None:
+        self.error = self.error or error
+
+    def _finished(self) -> None:
+        self.active -= 1
 
 
 # --------------------------------------------------------------------------- input images

@@ -24,7 +24,9 @@ outcome, the ``code`` and the message, no ``remote_task_id``, and is sent again 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -125,8 +127,110 @@ class SubmissionLedger:
         return LedgerEntry.from_dict(value)
 
     def save(self, entry: LedgerEntry) -> None:
+        self.store(entry.to_dict())
+
+    def store(self, value: dict[str, Any]) -> None:
+        """Write a ledger value (:meth:`LedgerEntry.to_dict`) as it is."""
         if self._store is not None:
-            self._store.set(STATE_KEY, entry.to_dict())
+            self._store.set(STATE_KEY, value)
+
+
+class LedgerWriter:
+    """
+    Change one entry from several threads and store the changes in as few writes as keep the rule.
+
+    Only the thread that creates the writer (the task's own) changes the entry and talks to
+    Airflow: Airflow's in-process supervisor of ``dag.test()`` is not safe to call from two threads
+    (``InProcessSupervisorComms``). Another thread hands it a change with :meth:`commit` and, when
+    durable, gets control back only once a write holding that change is stored: a ``sending``
+    mark is stored before its request leaves. The owner applies every change waiting in one go
+    and writes once (a group commit, :meth:`serve`), so k requests in flight cost about two writes
+    per round, not 2k, and no slot is ever stored half-changed.
+
+    :param ledger: where the entry is stored.
+    :param entry: the entry every change is made to.
+    """
+
+    def __init__(self, ledger: SubmissionLedger, entry: LedgerEntry) -> None:
+        self.ledger = ledger
+        self.entry = entry
+        self.writes = 0
+        self._owner = threading.get_ident()
+        self._waiting: queue.SimpleQueue[_Change] = queue.SimpleQueue()
+
+    def commit(self, change: Callable[[], Any] | None = None, *, durable: bool = True) -> None:
+        """
+        Have ``change`` applied to the entry (by the owner); with ``durable``, return once it is stored.
+
+        :param change: a function changing the entry (or doing the owner's Airflow calls).
+        :param durable: wait for the write; ``False``: the next write stores it.
+        :raises Exception: the write that was to store the change failed.
+        """
+        if threading.get_ident() == self._owner:
+            if change is not None:
+                change()
+            if durable:
+                self._write()
+            return
+        waiting = _Change(change, durable)
+        self._waiting.put(waiting)
+        if durable:
+            waiting.done.wait()
+            if waiting.error is not None:
+                raise waiting.error
+
+    def serve(self, timeout: float | None = None) -> bool:
+        """
+        Apply every change the other threads handed over, write once if one asks for it (owner only).
+
+        :param timeout: seconds to wait for the first change (``None``: until one comes).
+        :return: whether any change came.
+        """
+        try:
+            batch = [self._waiting.get(timeout=timeout)]
+        except queue.Empty:
+            return False
+        while True:
+            try:
+                batch.append(self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        error: BaseException | None = None
+        for waiting in batch:
+            if waiting.change is not None:
+                try:
+                    waiting.change()
+                except BaseException as failed:  # handed to the thread that sent the change
+                    waiting.error = failed
+        if any(w.durable and w.error is None for w in batch):
+            try:
+                self._write()
+            except BaseException as failed:
+                error = failed
+        unreported = next((w.error for w in batch if w.error is not None and not w.durable), None)
+        for waiting in batch:
+            waiting.error = waiting.error or error
+            waiting.done.set()
+        if error is not None or unreported is not None:
+            raise error or unreported  # nobody waits for a change not made durable: the owner raises
+        return True
+
+    def wake(self) -> None:
+        """Wake the owner from :meth:`serve` (a thread finished)."""
+        self._waiting.put(_Change(None, durable=False))
+
+    def _write(self) -> None:
+        self.ledger.save(self.entry)
+        self.writes += 1
+
+
+class _Change:
+    """A change handed to the writer's owner, and what became of it."""
+
+    def __init__(self, change: Callable[[], Any] | None, durable: bool) -> None:
+        self.change, self.durable = change, durable
+        self.done = threading.Event()
+        self.error: BaseException | None = None
 
 
 class Action(StrEnum):

@@ -1,8 +1,9 @@
 """
 The account's limits, shared by every task that submits: its rate, and a hold once it refuses.
 
-**Rate.** Every submission waits for the process's :class:`~.pacing.SubmissionPacer`, and the batch
-DAG's submitting phases share one pool (see :mod:`~imagecb_provider.utils.pacing`).
+**Rate.** Every submission waits for the process's :class:`~.pacing.SubmissionPacer`, at the task's
+share of the account's limit, and the submitting tasks share one pool (see
+:mod:`~imagecb_provider.utils.pacing`).
 
 **Hold.** When the account refuses submissions for longer than a burst, the task that met the
 refusal stops submitting and records an *account hold*, so no other task spends its retries on the
@@ -193,9 +194,10 @@ class AccountLimiter:
         settings = hook.settings
         self.hook = hook
         self.store = store or HoldStore(settings.conn_id)
-        self.pacer = pacer_for(settings.conn_id, settings.submissions_per_10s)
+        self.pacer = pacer_for(settings.conn_id, settings.share_per_10s)
         self._clock = clock
         self._probing = False
+        self._lock = threading.Lock()  # a task's submitting threads share its limiter
 
     def admit(self) -> AccountHold | None:
         """Return the hold in force (send nothing), or ``None`` when this task may submit."""
@@ -227,8 +229,9 @@ class AccountLimiter:
 
     def sent(self) -> None:
         """A submission was accepted: a probe that succeeds lifts the hold."""
-        if self._probing:
-            self._probing = False
+        with self._lock:
+            probing, self._probing = self._probing, False
+        if probing:
             self.store.lift()
             log.info("Account hold lifted: a submission was accepted")
 
