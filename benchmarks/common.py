@@ -135,7 +135,29 @@ def measure_batch(
         "timeline": timeline(tis, stats),
     }
     print(json.dumps({k: v for k, v in figures.items() if k != "timeline"}), flush=True)
+    if figures["failed_tasks"]:
+        print(f"failed tries' logs: {_keep_failed_logs(stack, run_id, label, tis)}", flush=True)
+    groups = sorted(ti["map_index"] for ti in tis if ti["task_id"] == "image.generate")
+    if groups:  # where a group's time goes, for the timeline
+        sample = stack.task_log(DAG_ID, run_id, "image.generate", groups[len(groups) // 2], 1)
+        RAW_RESULTS.mkdir(parents=True, exist_ok=True)
+        (RAW_RESULTS / f"{label}-generate-sample.log").write_text(sample)
     return figures
+
+
+def _keep_failed_logs(stack: AirflowStack, run_id: str, label: str, tis: list[dict[str, Any]]) -> Path:
+    """Copy the log of every try that failed to ``artifacts/bench/<label>-failed.log``: the stack goes."""
+    parts = []
+    for ti in tis:
+        if ti["try_number"] > 1 or ti["state"] == "failed":
+            for t in stack.client.tries(DAG_ID, run_id, ti["task_id"], ti["map_index"]):
+                if t["state"] in ("failed", "up_for_retry"):
+                    log = stack.task_log(DAG_ID, run_id, ti["task_id"], ti["map_index"], t["try_number"])
+                    parts.append(f"===== {ti['task_id']}[{ti['map_index']}] try {t['try_number']}\n{log}")
+    RAW_RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RAW_RESULTS / f"{label}-failed.log"
+    path.write_text("\n".join(parts))
+    return path
 
 
 def _failed_tries(stack: AirflowStack, run_id: str, tis: list[dict[str, Any]]) -> int:
