@@ -33,6 +33,8 @@ DAG_ID = "imagecb_batch_generate"
 #: the moment between two submissions of a task).
 CONN_ID = "imagecb_default"
 PACED_CONN_ID = "imagecb_paced"
+#: A connection whose submitting tasks share the limit two ways (``submission_slots``: 2).
+SHARED_CONN_ID = "imagecb_shared"
 SUBMISSIONS_PER_10S = 40
 #: Every endpoint the simulator can fault (``fault_endpoints``).
 ALL_ENDPOINTS = ("generate", "record-info", "credit", "download-url", "files")
@@ -85,6 +87,10 @@ def stack_options(simulator: Any, executor: str) -> dict[str, Any]:
         "connections": {
             CONN_ID: {**conn, "extra": {"submissions_per_10s": SUBMISSIONS_PER_10S}},
             PACED_CONN_ID: {**conn, "extra": {"submissions_per_10s": 1}},
+            SHARED_CONN_ID: {
+                **conn,
+                "extra": {"submissions_per_10s": SUBMISSIONS_PER_10S, "submission_slots": 2},
+            },
         },
         "env": {"AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "10", "IMAGECB_BATCH_RETRY_DELAY": "5"},
     }
