@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 
@@ -54,7 +53,8 @@ def test_a_limit_must_be_positive():
         SubmissionPacer(0)
 
 
-def test_threads_sharing_a_pacer_never_send_closer_than_its_interval():
+def test_threads_sharing_a_pacer_never_send_before_their_turn():
+    """Each call reserves its own moment, one interval after the last: the k-th send is never early."""
     pacer = SubmissionPacer(2000)  # 5.25 ms apart, real time
     sent: list[float] = []
     lock = threading.Lock()
@@ -66,16 +66,15 @@ def test_threads_sharing_a_pacer_never_send_closer_than_its_interval():
                 sent.append(time.monotonic())
 
     threads = [threading.Thread(target=send) for _ in range(4)]
+    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     sent.sort()
-    gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert len(sent) == 60
-    # Each call reserves its own moment: sleeping threads wake at or after it (a little jitter).
-    assert min(gaps) >= pacer.interval * 0.5
-    assert sent[-1] - sent[0] >= 59 * pacer.interval * 0.98
+    # A busy machine may wake a thread late, never early: so no 10 s holds more than the limit.
+    assert all(at >= started + k * pacer.interval - 0.001 for k, at in enumerate(sent))
 
 
 @pytest.mark.parametrize(
