@@ -62,3 +62,28 @@ def _forget_filesystems() -> None:
 
     store._STORE_CACHE.clear()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def batch_operator():
+    """
+    Build an ``ImageBatchGenerateOperator`` over prompts, waiting in the worker, with quick retries.
+
+    Call it with the prompts and any other operator argument; results come back in ``"return"`` mode.
+    """
+    from imagecb_provider.hooks.protocol import RetryPolicy
+    from imagecb_provider.operators.generate import ImageBatchGenerateOperator
+
+    def build(prompts: list[str], **kwargs) -> ImageBatchGenerateOperator:
+        op = ImageBatchGenerateOperator(
+            task_id="b",
+            requests=[{"prompt": p} for p in prompts],
+            deferrable=False,
+            poll_interval=0.1,
+            failure_mode="return",
+            **kwargs,
+        )
+        op.hook.retry_policy = RetryPolicy(max_attempts=6, initial_delay=0.01, max_delay=0.02, jitter=0)
+        return op
+
+    return build

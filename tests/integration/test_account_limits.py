@@ -18,7 +18,7 @@ from imagecb_provider.exceptions import ImageCbRateCapped, ImageCbRateLimited, I
 from imagecb_provider.hooks.imagecb import ImageCbHook
 from imagecb_provider.hooks.protocol import CAP_RETRY_AFTER, RetryPolicy
 from imagecb_provider.models import GenerationRequest
-from imagecb_provider.operators.generate import ImageBatchGenerateOperator, ImageGenerateOperator
+from imagecb_provider.operators.generate import ImageGenerateOperator
 from imagecb_provider.testing.airflow import InMemoryTaskStateStore
 from imagecb_provider.utils import limiter
 from imagecb_provider.utils.ledger import STATE_KEY
@@ -39,19 +39,6 @@ def _no_hold():
 
 def _generate_calls(sim) -> int:
     return sim.stats(tasks=False)["requests"].get("generate", 0)
-
-
-def _batch(prompts: list[str], **kwargs) -> ImageBatchGenerateOperator:
-    op = ImageBatchGenerateOperator(
-        task_id="b",
-        requests=[{"prompt": p} for p in prompts],
-        deferrable=False,
-        poll_interval=0.1,
-        failure_mode="return",
-        **kwargs,
-    )
-    op.hook.retry_policy = FAST
-    return op
 
 
 def _context(store, op, *, try_number: int = 1, cleared: bool = False) -> dict:
@@ -92,12 +79,14 @@ def test_the_simulator_cap_refuses_once_used_up_and_lifts_when_set_again(imagecb
 
 
 # -------------------------------------------------------------------------- credits run out
-def test_credits_running_out_stop_the_group_and_hold_the_other_groups_until_a_top_up(imagecb_simulator):
+def test_credits_running_out_stop_the_group_and_hold_the_other_groups_until_a_top_up(
+    imagecb_simulator, batch_operator
+):
     imagecb_simulator.configure(latency=0.0, credits=15.0)  # three images at 5 credits
     first, second = [f"a gull {i}" for i in range(6)], [f"a tern {i}" for i in range(4)]
     store_1, store_2 = InMemoryTaskStateStore(), InMemoryTaskStateStore()
 
-    op = _batch(first)
+    op = batch_operator(first)
     results = op.execute(_context(store_1, op))
     assert [r["outcome"] for r in results] == ["success"] * 3 + ["not_sent"] * 3
     assert _generate_calls(imagecb_simulator) == 4  # three accepted, one 402, then nothing
@@ -108,16 +97,16 @@ def test_credits_running_out_stop_the_group_and_hold_the_other_groups_until_a_to
     hold = HoldStore("imagecb_default").get()
     assert (hold.kind, hold.balance) == (CREDITS, 0.0)
 
-    op = _batch(second)  # the next group: sends nothing while the balance is unchanged
+    op = batch_operator(second)  # the next group: sends nothing while the balance is unchanged
     results = op.execute(_context(store_2, op))
     assert [r["outcome"] for r in results] == ["not_sent"] * 4
     assert _generate_calls(imagecb_simulator) == 4
 
     imagecb_simulator.configure(credits=100.0)  # a top-up
-    op = _batch(first)  # the rerun cleared from the UI: successes reused, the unsent sent
+    op = batch_operator(first)  # the rerun cleared from the UI: successes reused, the unsent sent
     results = op.execute(_context(store_1, op, try_number=2, cleared=True))
     assert [r["outcome"] for r in results] == ["success"] * 6
-    op = _batch(second)
+    op = batch_operator(second)
     assert [r["outcome"] for r in op.execute(_context(store_2, op, try_number=2, cleared=True))] == [
         "success"
     ] * 4
@@ -139,12 +128,14 @@ def test_a_single_image_not_sent_fails_at_once_naming_the_fix(imagecb_simulator)
 
 
 # ---------------------------------------------------------------------------- a key's cap
-def test_a_cap_stops_the_group_after_one_refused_request_and_holds_the_others(imagecb_simulator, monkeypatch):
+def test_a_cap_stops_the_group_after_one_refused_request_and_holds_the_others(
+    imagecb_simulator, monkeypatch, batch_operator
+):
     imagecb_simulator.configure(latency=0.0, submission_cap=2)  # no Retry-After: the hook retries first
     store_1, store_2 = InMemoryTaskStateStore(), InMemoryTaskStateStore()
     first, second = [f"a vole {i}" for i in range(5)], [f"a mole {i}" for i in range(3)]
 
-    op = _batch(first)
+    op = batch_operator(first)
     results = op.execute(_context(store_1, op))
     assert [r["outcome"] for r in results] == ["success"] * 2 + ["not_sent"] * 3
     assert (
@@ -156,7 +147,7 @@ def test_a_cap_stops_the_group_after_one_refused_request_and_holds_the_others(im
     assert [s["sending"] for s in slots] == [False] * 5  # nothing left uncertain
     assert HoldStore("imagecb_default").get().kind == RATE_CAP
 
-    op = _batch(second)  # within the probe interval: not one request
+    op = batch_operator(second)  # within the probe interval: not one request
     assert [r["outcome"] for r in op.execute(_context(store_2, op))] == ["not_sent"] * 3
     assert _generate_calls(imagecb_simulator) == 2 + FAST.max_attempts
 
@@ -164,11 +155,11 @@ def test_a_cap_stops_the_group_after_one_refused_request_and_holds_the_others(im
     imagecb_simulator.configure(submission_cap=None)
     hold = HoldStore("imagecb_default").get()
     HoldStore("imagecb_default").put(AccountHold(**{**hold.__dict__, "probe_after": 0.0}))
-    op = _batch(first)
+    op = batch_operator(first)
     results = op.execute(_context(store_1, op, try_number=2, cleared=True))
     assert [r["outcome"] for r in results] == ["success"] * 5
     assert HoldStore("imagecb_default").get() is None
-    op = _batch(second)
+    op = batch_operator(second)
     assert [r["outcome"] for r in op.execute(_context(store_2, op, try_number=2, cleared=True))] == [
         "success"
     ] * 3

@@ -18,14 +18,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from imagecb_provider.hooks.protocol import RetryPolicy
 from imagecb_provider.operators.generate import ImageBatchGenerateOperator
 from imagecb_provider.testing.airflow import InMemoryTaskStateStore
 from imagecb_provider.utils.ledger import STATE_KEY
 
 pytestmark = pytest.mark.timeout(120)
-
-FAST = RetryPolicy(max_attempts=6, initial_delay=0.01, max_delay=0.02, jitter=0)
 
 
 class SlowStore(InMemoryTaskStateStore):
@@ -45,19 +42,6 @@ def _account(sim, monkeypatch, per_10s: float) -> None:
     sim.configure(latency=0.0, rate_limit_count=int(per_10s), rate_limit_window=10.0)
     conn = {**json.loads(sim.connection_json()), "extra": {"submissions_per_10s": per_10s}}
     monkeypatch.setenv("AIRFLOW_CONN_IMAGECB_DEFAULT", json.dumps(conn))
-
-
-def _batch(prompts: list[str], **kwargs) -> ImageBatchGenerateOperator:
-    op = ImageBatchGenerateOperator(
-        task_id="b",
-        requests=[{"prompt": p} for p in prompts],
-        deferrable=False,
-        poll_interval=0.1,
-        failure_mode="return",
-        **kwargs,
-    )
-    op.hook.retry_policy = FAST
-    return op
 
 
 def _context(store, op, *, try_number: int = 1) -> dict:
@@ -100,12 +84,14 @@ class Watched:
                 self.in_flight -= 1
 
 
-def test_at_a_high_rate_several_go_at_once_each_marked_first_in_few_writes(imagecb_simulator, monkeypatch):
+def test_at_a_high_rate_several_go_at_once_each_marked_first_in_few_writes(
+    imagecb_simulator, monkeypatch, batch_operator
+):
     _account(imagecb_simulator, monkeypatch, per_10s=2000)
     imagecb_simulator.configure(submit_answer_delay=0.2)  # an answer takes a moment, as on the real API
     prompts = [f"a heron {i}" for i in range(40)]
     store = SlowStore()
-    op = _batch(prompts, max_in_flight=8)
+    op = batch_operator(prompts, max_in_flight=8)
     watched = Watched(op, store, prompts)
 
     results = op.execute(_context(store, op))
@@ -123,11 +109,13 @@ def test_at_a_high_rate_several_go_at_once_each_marked_first_in_few_writes(image
     assert not any(s["sending"] for s in final)
 
 
-def test_at_the_documented_limit_one_request_is_in_flight_at_a_time(imagecb_simulator, monkeypatch):
+def test_at_the_documented_limit_one_request_is_in_flight_at_a_time(
+    imagecb_simulator, monkeypatch, batch_operator
+):
     _account(imagecb_simulator, monkeypatch, per_10s=20)
     prompts = [f"a wren {i}" for i in range(4)]
     store = InMemoryTaskStateStore()
-    op = _batch(prompts)
+    op = batch_operator(prompts)
     watched = Watched(op, store, prompts)
 
     results = op.execute(_context(store, op))
@@ -138,7 +126,9 @@ def test_at_the_documented_limit_one_request_is_in_flight_at_a_time(imagecb_simu
     assert len(store.writes) >= 2 * 4
 
 
-def test_a_crash_leaves_at_most_max_in_flight_uncertain_and_never_pays_twice(imagecb_simulator, monkeypatch):
+def test_a_crash_leaves_at_most_max_in_flight_uncertain_and_never_pays_twice(
+    imagecb_simulator, monkeypatch, batch_operator
+):
     """
     Try 1 dies while four requests wait for their answers: the store keeps what it had then.
 
@@ -149,7 +139,7 @@ def test_a_crash_leaves_at_most_max_in_flight_uncertain_and_never_pays_twice(ima
     imagecb_simulator.configure(submit_answer_delay=1.0)
     prompts = [f"a finch {i}" for i in range(10)]
     store = InMemoryTaskStateStore()
-    op = _batch(prompts, max_in_flight=4)
+    op = batch_operator(prompts, max_in_flight=4)
     real = op.hook.submit
     state = {"sent": 0, "dead": False}
     lock = threading.Lock()
@@ -176,7 +166,7 @@ def test_a_crash_leaves_at_most_max_in_flight_uncertain_and_never_pays_twice(ima
     stored = store.get(STATE_KEY)["slots"]
     assert sum(bool(s["sending"]) for s in stored) == 4
 
-    retry = _batch(prompts, max_in_flight=4)
+    retry = batch_operator(prompts, max_in_flight=4)
     results = retry.execute(_context(store, retry, try_number=2))
 
     outcomes = [r["outcome"] for r in results]
