@@ -127,12 +127,8 @@ class SubmissionLedger:
         return LedgerEntry.from_dict(value)
 
     def save(self, entry: LedgerEntry) -> None:
-        self.store(entry.to_dict())
-
-    def store(self, value: dict[str, Any]) -> None:
-        """Write a ledger value (:meth:`LedgerEntry.to_dict`) as it is."""
         if self._store is not None:
-            self._store.set(STATE_KEY, value)
+            self._store.set(STATE_KEY, entry.to_dict())
 
 
 class LedgerWriter:
@@ -214,10 +210,6 @@ class LedgerWriter:
         if error is not None or unreported is not None:
             raise error or unreported  # nobody waits for a change not made durable: the owner raises
         return True
-
-    def wake(self) -> None:
-        """Wake the owner from :meth:`serve` (a thread finished)."""
-        self._waiting.put(_Change(None, durable=False))
 
     def _write(self) -> None:
         self.ledger.save(self.entry)
