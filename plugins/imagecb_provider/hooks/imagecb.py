@@ -229,7 +229,9 @@ def _submission_slots(conn_id: str, value: Any, per_10s: float) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
         raise ImageCbConfigurationError(f"Connection {conn_id!r} has extra submission_slots={value!r}: {fix}")
     slots = int(value)
-    if slots < 1 or (slots > 1 and per_10s / slots < MIN_SHARE_PER_10S):
+    if slots < 1:
+        raise ImageCbConfigurationError(f"Connection {conn_id!r} has extra submission_slots={value!r}: {fix}")
+    if per_10s / slots < MIN_SHARE_PER_10S and slots > 1:
         raise ImageCbConfigurationError(
             f"Connection {conn_id!r} has extra submission_slots={value!r}: each slot must keep at least "
             f"{MIN_SHARE_PER_10S:g} submissions per 10 s of the account's {per_10s:g}; {fix}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -197,7 +198,7 @@ class GenerationMixin:
         window = _Window(self, limiter, writer, in_flight(limiter.pacer.interval, self.max_in_flight))
         window.hold = limiter.admit()
         inputs = InputImages(self, context)
-        waiting = list(indexes)
+        waiting = deque(indexes)
         with ThreadPoolExecutor(max_workers=window.size, thread_name_prefix="imagecb-submit") as pool:
             try:
                 while True:
@@ -207,7 +208,7 @@ class GenerationMixin:
                         and window.error is None
                         and window.active < window.size
                     ):
-                        i = waiting.pop(0)
+                        i = waiting.popleft()
                         request = (
                             requests[i].with_callback(callback_urls[i]) if i in callback_urls else requests[i]
                         )

@@ -197,7 +197,6 @@ class AccountLimiter:
         self.pacer = pacer_for(settings.conn_id, settings.share_per_10s)
         self._clock = clock
         self._probing = False
-        self._lock = threading.Lock()  # a task's submitting threads share its limiter
 
     def admit(self) -> AccountHold | None:
         """Return the hold in force (send nothing), or ``None`` when this task may submit."""
@@ -229,9 +228,8 @@ class AccountLimiter:
 
     def sent(self) -> None:
         """A submission was accepted: a probe that succeeds lifts the hold."""
-        with self._lock:
-            probing, self._probing = self._probing, False
-        if probing:
+        if self._probing:
+            self._probing = False
             self.store.lift()
             log.info("Account hold lifted: a submission was accepted")
 
